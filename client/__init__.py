@@ -1,0 +1,1 @@
+"""Client side: photo dataset, ED-LoRA trainer and the mos-client command."""

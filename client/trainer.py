@@ -1,0 +1,315 @@
+"""ED-LoRA tuning of one concept on a folder of photos (METHOD.md section 1).
+
+``train_concept`` adds the concept's tokens to the base, injects rank-4 LoRA adapters into
+the text encoder and UNet, and optimises (AdamW, three learning rates, linear decay):
+
+- the concept's embedding rows (every other row is untouchable, see ``TrainableRows``),
+  frozen once their mean norm reaches the threshold;
+- text-encoder LoRA (q/k/v/out of every CLIP attention);
+- UNet LoRA (to_q/to_k/to_v/to_out.0 of every transformer attention).
+
+The loss is the epsilon (or v) MSE with a noise offset; with subject masks, optionally only
+inside the mask, plus the attention regularisation. VAE latents are encoded once per photo
+and flip (the crop is fixed), keeping the distribution so every step still samples fresh
+latents, exactly as encoding each step would.
+
+On return the base carries the concept (tokens, embeddings, adapters) so it can sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..common.attention import AttentionMapRecorder, layerwise_cross_attention
+from ..common.base import BaseModel
+from ..common.concepts import Concept, ConceptTable, tokenize
+from ..common.config import TrainConfig
+from ..common.edlora import add_concept_tokens, initial_embeddings, trainable_rows
+from ..common.lora import inject_lora, lora_state_dict
+from ..common.package import ConceptPackage
+from .data import PLACEHOLDER, Photo, photo_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    package: ConceptPackage
+    concepts: ConceptTable
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    embeddings_frozen_at: int | None = None
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this run, or None for full fp32."""
+    if device.type != "cuda" or config.mixed_precision == "no":
+        return None
+    if config.mixed_precision == "fp16":
+        return torch.float16
+    if config.mixed_precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+@torch.no_grad()
+def _encode_latents(
+    base: BaseModel, pixels: torch.Tensor, batch: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std (already times the VAE scaling factor)."""
+    means, stds = [], []
+    scale = base.vae.config.scaling_factor
+    for chunk in pixels.split(batch):
+        dist = base.vae.encode(chunk.to(base.device, base.vae.dtype)).latent_dist
+        means.append(dist.mean.float() * scale)
+        stds.append(dist.std.float() * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+def attention_regularisation(
+    maps: dict[int, torch.Tensor],
+    masks: torch.Tensor,
+    pos_first: torch.Tensor,
+    pos_second: torch.Tensor,
+) -> torch.Tensor:
+    """Pull the 2nd word's attention onto the subject and the 1st word's off the background.
+
+    ``maps[l]``: ``[B, pixels, tokens]``; ``masks``: ``[B, 1, H, W]``; ``pos_*``: ``[B, tokens]``
+    booleans marking each word's positions. Per layer, each word's map (mean over its
+    positions) is divided by its maximum; the loss is
+    ``mean((a2 - m)^2) + mean((a1 * (1 - m))^2)``, averaged over layers.
+    """
+    losses = []
+    for probs in maps.values():
+        pixels = probs.shape[1]
+        side = int(round(math.sqrt(pixels)))
+        h = side
+        w = pixels // side
+        m = F.interpolate(masks, size=(h, w), mode="area").flatten(1)  # [B, pixels]
+
+        def word_map(pos: torch.Tensor) -> torch.Tensor:
+            weights = pos.float() / pos.float().sum(dim=1, keepdim=True).clamp(min=1)
+            a = torch.einsum("bpt,bt->bp", probs.float(), weights)
+            return a / a.amax(dim=1, keepdim=True).clamp(min=1e-8)
+
+        a1, a2 = word_map(pos_first), word_map(pos_second)
+        losses.append(((a2 - m) ** 2).mean() + ((a1 * (1 - m)) ** 2).mean())
+    return torch.stack(losses).mean()
+
+
+def train_concept(
+    base: BaseModel,
+    photos: list[Photo],
+    concept_name: str,
+    class_word: str,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Tune one concept on ``photos``; returns its package (see module docstring)."""
+    device = base.device
+    resolution = config.resolution or base.default_resolution
+    if resolution % (base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)):
+        raise ValueError(
+            f"resolution {resolution} does not divide into this model's latent grid "
+            f"(use a multiple of {base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)})"
+        )
+    num_layers = base.num_cross_attention_layers
+    concept = Concept(
+        concept_name,
+        class_word,
+        method=config.method,
+        num_layers=num_layers if config.method == "edlora" else 1,
+    )
+    concepts = ConceptTable([concept])
+    gen = torch.Generator().manual_seed(config.seed)
+    embeddings0 = initial_embeddings(base, concept, generator=gen)
+    ids = add_concept_tokens(base, concept)
+
+    # --- data: latents per (photo, flip), masks, captions tokenised per layer ---------
+    pixels, masks, has_mask = [], [], []
+    for p in photos:
+        x, m = photo_tensors(p, resolution)
+        pixels += [x, x.flip(-1)]
+        mask = m if m is not None else torch.ones(1, resolution, resolution)
+        masks += [mask, mask.flip(-1)]
+        has_mask.append(m is not None)
+    lat_mean, lat_std = _encode_latents(base, torch.stack(pixels))
+    lat_mean = lat_mean.view(len(photos), 2, *lat_mean.shape[1:])
+    lat_std = lat_std.view(len(photos), 2, *lat_std.shape[1:])
+    masks_t = torch.stack(masks).view(len(photos), 2, 1, resolution, resolution).to(device)
+    has_mask_t = torch.tensor(has_mask, device=device)
+    copies = num_layers if concept.layerwise else 1
+    captions = [p.caption.replace(PLACEHOLDER, concept.phrase()) for p in photos]
+    caption_ids = torch.stack(
+        [tokenize(base.tokenizer, concepts.expand(c, copies)) for c in captions]
+    ).to(device)  # [N, copies, 77]
+    first_ids = set(base.tokenizer.convert_tokens_to_ids(
+        [concept.layer_token(0, l) for l in range(copies)]))
+    second_ids = set(base.tokenizer.convert_tokens_to_ids(
+        [concept.layer_token(len(concept.words) - 1, l) for l in range(copies)]))
+    use_masks = bool(has_mask_t.any())
+    use_attn_reg = use_masks and config.attention_reg_weight > 0
+
+    # --- trainable parameters ------------------------------------------------------
+    te_prefix, _, te_targets = base.lora_components()[0]
+    te_layers = inject_lora(base.text_encoder, te_targets, config.rank, config.lora_dropout)
+    unet_layers = inject_lora(base.unet, base.lora_components()[1][2], config.rank, config.lora_dropout)
+    te_params = [p for l in te_layers.values() for p in (l.lora_A.weight, l.lora_B.weight)]
+    unet_params = [p for l in unet_layers.values() for p in (l.lora_A.weight, l.lora_B.weight)]
+    gc = config.gradient_checkpointing
+    if gc is None:
+        gc = device.type == "cuda"
+    if gc:
+        base.unet.enable_gradient_checkpointing()
+    amp = autocast_dtype(config, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    prediction = base.noise_scheduler.config.prediction_type
+    num_train_t = base.noise_scheduler.config.num_train_timesteps
+    recorder = AttentionMapRecorder() if use_attn_reg else None
+
+    losses: list[float] = []
+    frozen_at: int | None = None
+    start = time.perf_counter()
+    base.text_encoder.train()
+    base.unet.train()
+    try:
+        with (
+            trainable_rows(base.text_encoder, ids) as rows,
+            layerwise_cross_attention(base.unet, config.kv_dropout, recorder),
+        ):
+            with torch.no_grad():
+                rows.rows.copy_(embeddings0.reshape(len(ids), -1))
+            optimizer = torch.optim.AdamW(
+                [
+                    {"params": [rows.rows], "lr": config.lr_embedding},
+                    {"params": te_params, "lr": config.lr_text_lora},
+                    {"params": unet_params, "lr": config.lr_unet_lora},
+                ],
+                weight_decay=config.weight_decay,
+            )
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                (lambda s: max(0.0, 1.0 - s / config.steps))
+                if config.lr_schedule == "linear"
+                else (lambda s: 1.0),
+            )
+            # a live bar on a terminal; in logs, a line every 10% instead
+            bar = tqdm(
+                range(config.steps),
+                desc=f"tuning {concept.token}",
+                disable=True if not progress else None,
+            )
+            log_every = max(1, config.steps // 10)
+            for step in bar:
+                idx = torch.randint(len(photos), (config.batch_size,), generator=gen)
+                flip = (torch.rand(config.batch_size, generator=gen) < config.flip_p).long()
+                mean, std = lat_mean[idx, flip], lat_std[idx, flip]
+                latents = mean + std * torch.randn(mean.shape, generator=gen).to(device)
+                noise = torch.randn(mean.shape, generator=gen)
+                if config.noise_offset:
+                    noise += config.noise_offset * torch.randn(
+                        (*mean.shape[:2], 1, 1), generator=gen
+                    )
+                noise = noise.to(device)
+                t = torch.randint(0, num_train_t, (config.batch_size,), generator=gen).to(device)
+                noisy = base.noise_scheduler.add_noise(latents, noise, t)
+                if prediction == "v_prediction":
+                    target = base.noise_scheduler.get_velocity(latents, noise, t)
+                else:
+                    target = noise
+                batch_ids = caption_ids[idx.to(device)]
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    hidden = base.text_encoder(batch_ids.flatten(0, 1))[0]
+                    hidden = hidden.view(config.batch_size, copies, *hidden.shape[1:])
+                    if copies == 1:
+                        hidden = hidden[:, 0]
+                    if recorder is not None:
+                        recorder.clear()
+                    pred = base.unet(noisy, t, encoder_hidden_states=hidden).sample
+                err = (pred.float() - target.float()) ** 2
+                m = masks_t[idx.to(device), flip.to(device)]
+                if use_masks and config.mask_loss:
+                    m_lat = F.interpolate(m, size=err.shape[-2:], mode="area")
+                    loss = (err * m_lat).sum() / (m_lat.sum() * err.shape[1]).clamp(min=1e-8)
+                else:
+                    loss = err.mean()
+                if recorder is not None:
+                    sel = has_mask_t[idx.to(device)]
+                    if bool(sel.any()):
+                        b_ids = batch_ids[:, 0]
+                        pos1 = torch.isin(b_ids, torch.tensor(sorted(first_ids), device=device))
+                        pos2 = torch.isin(b_ids, torch.tensor(sorted(second_ids), device=device))
+                        maps = {l: a[sel] for l, a in recorder.maps.items()}
+                        loss = loss + config.attention_reg_weight * attention_regularisation(
+                            maps, m[sel], pos1[sel], pos2[sel]
+                        )
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                schedule.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss became {value} at step {step}; lower the learning rates")
+                losses.append(value)
+                if (
+                    frozen_at is None
+                    and config.embedding_norm_threshold is not None
+                    and rows.rows.requires_grad
+                    and float(rows.rows.detach().norm(dim=-1).mean()) >= config.embedding_norm_threshold
+                ):
+                    rows.rows.requires_grad_(False)
+                    rows.rows.grad = None
+                    frozen_at = step + 1
+                    log.info("embedding norm reached %.2f at step %d: embeddings frozen",
+                             config.embedding_norm_threshold, frozen_at)
+                bar.set_postfix(loss=f"{value:.4f}")
+                if progress and (step + 1) % log_every == 0:
+                    recent = losses[-log_every:]
+                    log.info("step %d/%d loss %.4f", step + 1, config.steps, sum(recent) / len(recent))
+                if on_step is not None:
+                    on_step(step, value)
+            trained = rows.rows.detach().clone()
+    finally:
+        base.text_encoder.eval()
+        base.unet.eval()
+        if gc:
+            base.unet.disable_gradient_checkpointing()
+        for p in te_params + unet_params:
+            p.requires_grad_(False)
+    seconds = time.perf_counter() - start
+    embeddings = trained.view(len(concept.words), copies, -1).float().cpu()
+    tail = losses[-max(1, len(losses) // 10):]
+    package = ConceptPackage(
+        concept=concept,
+        rank=config.rank,
+        embeddings=embeddings,
+        lora={
+            **lora_state_dict(base.text_encoder, te_prefix),
+            **lora_state_dict(base.unet, "unet"),
+        },
+        base_fingerprint=base.fingerprint,
+        base_source=base.source,
+        training={**config.model_dump(), "resolution": resolution, "num_photos": len(photos)},
+        metrics={
+            "steps": config.steps,
+            "final_loss": sum(tail) / len(tail),
+            "seconds": round(seconds, 3),
+            "embeddings_frozen_at": frozen_at,
+        },
+    )
+    return TrainResult(package, concepts, losses, seconds, frozen_at)

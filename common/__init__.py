@@ -1,0 +1,1 @@
+"""Shared by client and server: base models, ED-LoRA layers, concept packages, sampling."""

@@ -1,0 +1,364 @@
+"""Base models: a diffusers folder, a single-file SD 1.x checkpoint, a hub id, or ``tiny``.
+
+``load_base_model(spec)`` returns a ``BaseModel``: the five SD 1.x components plus a
+training scheduler (DDPM) and a sampling scheduler (DPM-Solver++), the base fingerprint
+that concept packages are checked against, and where it came from.
+
+``tiny`` is SD 1.x-shaped (cross-attention at two resolutions, AutoencoderKL, CLIP text
+encoder, a CLIP-format tokenizer with whole-word tokens) and small enough that tests and
+the demo run on a laptop CPU; it is built from a seed, deterministically, without network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .attention import cross_attention_layers
+from .lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, target_linear_names
+from .tokenizer import build_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+# SD 1.x's noise schedule (scaled-linear betas, 1000 steps). clip_sample must stay off for
+# latent models (TOYWORLD-NOTES: clipping predicted latents wrecks sampling).
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+class BaseModelError(ValueError):
+    """A base model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class BaseModel:
+    """The components of an SD 1.x model plus what training and packages need to know."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+    scheduler: DPMSolverMultistepScheduler
+    source: str
+    fingerprint: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = base_fingerprint(self)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def num_cross_attention_layers(self) -> int:
+        return len(cross_attention_layers(self.unet))
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    def lora_components(self) -> list[tuple[str, torch.nn.Module, tuple[str, ...]]]:
+        """``[(key prefix, model, LoRA targets)]`` for the text encoder and the UNet.
+
+        Keys follow the diffusers LoRA convention, ``text_encoder.text_model.encoder...``,
+        whether or not this transformers version nests CLIP under ``text_model``.
+        """
+        te = self.text_encoder
+        te_prefix = "text_encoder" if hasattr(te, "text_model") else "text_encoder.text_model"
+        return [(te_prefix, te, TEXT_ENCODER_TARGETS), ("unet", self.unet, UNET_TARGETS)]
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> BaseModel:
+        for module in (self.text_encoder, self.unet, self.vae):
+            if dtype is None or module.dtype == dtype:
+                module.to(device)
+            else:
+                module.to(device=device, dtype=dtype)
+        return self
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write an ordinary diffusers folder (``StableDiffusionPipeline.from_pretrained`` reads it)."""
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(str(path), safe_serialization=True)
+
+    @classmethod
+    def from_pipeline(cls, pipe: StableDiffusionPipeline, source: str) -> BaseModel:
+        sched_config = dict(pipe.scheduler.config)
+        return cls(
+            tokenizer=pipe.tokenizer,
+            text_encoder=pipe.text_encoder,
+            unet=pipe.unet,
+            vae=pipe.vae,
+            noise_scheduler=DDPMScheduler.from_config(sched_config),
+            scheduler=DPMSolverMultistepScheduler.from_config(sched_config),
+            source=source,
+        )
+
+
+def tiny_configs() -> dict[str, dict]:
+    """Configs of the built-in tiny model (SD 1.x layout, small widths, 32 px images)."""
+    return {
+        "unet": dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        ),
+        "text_encoder": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+        ),
+    }
+
+
+def build_tiny(seed: int = 0) -> BaseModel:
+    """The built-in tiny SD 1.x-shaped model, with random weights drawn from ``seed``."""
+    configs = tiny_configs()
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **configs["text_encoder"],
+        )
+        text_encoder = CLIPTextModel(text_config)
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return BaseModel(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        noise_scheduler=DDPMScheduler.from_config(SD_SCHEDULER_CONFIG),
+        scheduler=DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG),
+        source=TINY if seed == 0 else f"{TINY}:{seed}",
+    )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_base_model(
+    spec: str | Path,
+    *,
+    config: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> BaseModel:
+    """Load a base model from ``spec``.
+
+    - ``tiny`` (or ``tiny:SEED``): the built-in tiny model;
+    - a folder with ``model_index.json``: a diffusers Stable Diffusion folder;
+    - a ``.safetensors`` file: a single-file SD 1.x checkpoint (original LDM key names).
+      Offline it needs ``config``, a local diffusers folder of the same architecture
+      (weights not needed: ``model_index.json``, the ``*/config.json`` files, tokenizer);
+    - anything shaped ``owner/name``: a Hugging Face hub id (needs the network).
+    """
+    spec_str = str(spec)
+    if spec_str == TINY or spec_str.startswith(TINY + ":"):
+        seed_text = spec_str.partition(":")[2] or "0"
+        if not seed_text.isdigit():
+            raise BaseModelError(f"'{spec_str}': the tiny model takes an integer seed, e.g. tiny:1")
+        return build_tiny(int(seed_text)).to("cpu", dtype)
+
+    path = Path(spec_str).expanduser()
+    if path.is_dir():
+        return _load_diffusers_folder(path, dtype)
+    if path.suffix in {".ckpt", ".pt", ".pth", ".bin"}:
+        raise BaseModelError(
+            f"{path}: pickle-based checkpoints are not loaded (they can run code). "
+            "Convert it to .safetensors first, or use a diffusers folder."
+        )
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise BaseModelError(f"{path}: no such checkpoint file")
+        return _load_single_file(path, config, dtype)
+    if path.exists():
+        raise BaseModelError(
+            f"{path}: not a diffusers folder (with model_index.json) nor a .safetensors checkpoint"
+        )
+    if _HUB_ID.match(spec_str):
+        return _load_hub(spec_str, dtype)
+    raise BaseModelError(
+        f"base model '{spec_str}' not found: give 'tiny', a diffusers folder, "
+        "a single-file .safetensors checkpoint, or a hub id such as "
+        "'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+    )
+
+
+def _finish(pipe: StableDiffusionPipeline, source: str) -> BaseModel:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    base = BaseModel.from_pipeline(pipe, source)
+    log.info(
+        "loaded base model %s (%d cross-attention layers, fingerprint %s)",
+        source,
+        base.num_cross_attention_layers,
+        base.fingerprint[:12],
+    )
+    return base
+
+
+def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
+    if not (path / "model_index.json").is_file():
+        raise BaseModelError(
+            f"{path}: a diffusers model folder needs model_index.json "
+            "(and unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    missing = [
+        p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()
+    ]
+    if missing:
+        raise BaseModelError(f"{path}: missing component folder(s): {', '.join(missing)}")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path),
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise BaseModelError(f"{path}: could not load the diffusers folder: {err}") from err
+    return _finish(pipe, str(path))
+
+
+def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype) -> BaseModel:
+    if config is not None:
+        config_dir = Path(config).expanduser()
+        if not (config_dir / "model_index.json").is_file():
+            raise BaseModelError(
+                f"--base-config {config_dir}: expected a diffusers folder with model_index.json, "
+                "unet/config.json, vae/config.json, text_encoder/config.json and tokenizer/"
+            )
+        kwargs = {"config": str(config_dir), "local_files_only": True}
+    else:
+        kwargs = {"local_files_only": _offline()}
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            **kwargs,
+        )
+    except Exception as err:  # diffusers raises many kinds here; all mean "cannot load"
+        if config is None:
+            raise BaseModelError(
+                f"{path}: a single-file checkpoint carries weights only; its configs and tokenizer "
+                "come from the hub, which cannot be reached. Pass --base-config DIR, a local "
+                "diffusers folder of the same architecture (e.g. a stable-diffusion-v1-5 folder; "
+                f"weights not needed). ({type(err).__name__}: {err})"
+            ) from err
+        raise BaseModelError(f"{path}: could not load the checkpoint with config {config}: {err}") from err
+    return _finish(pipe, str(path))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> BaseModel:
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            repo_id,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=_offline(),
+        )
+    except Exception as err:  # network errors, missing repo, missing cache
+        raise BaseModelError(
+            f"could not load '{repo_id}' from the Hugging Face hub (no network, not in the local "
+            f"cache, or no such model): {type(err).__name__}: {err}. Download it on a machine with "
+            "network and pass the folder instead."
+        ) from err
+    return _finish(pipe, repo_id)
+
+
+def base_fingerprint(base: BaseModel) -> str:
+    """SHA-256 over what concept packages depend on.
+
+    The tokenizer's vocabulary, the token-embedding matrix, and every LoRA-target linear of
+    the text encoder and UNet (names, shapes and values rounded to fp16, so an fp16 and an
+    fp32 copy of the same base agree). Computed when the base is loaded, before any concept
+    tokens are added.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(base.tokenizer.get_vocab().items())).encode())
+    te = base.text_encoder
+    tensors = [("token_embedding", te.get_input_embeddings().weight)]
+    for prefix, model, targets in base.lora_components():
+        for name in target_linear_names(model, targets):
+            tensors.append((f"{prefix}.{name}", model.get_submodule(name).weight))
+    for name, tensor in tensors:
+        h.update(f"{name}:{tuple(tensor.shape)};".encode())
+        h.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()

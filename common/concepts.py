@@ -1,0 +1,170 @@
+"""Concepts, their tokens, and layer-wise prompt encoding.
+
+A concept ``<dog1>`` trained with ED-LoRA is written in prompts as two words,
+``<dog1_1> <dog1_2>``; each word has one token PER cross-attention layer
+(``<dog1_1_l0>`` ... ``<dog1_1_l{L-1}>``) in the tokenizer and the embedding matrix.
+Vanilla LoRA (the paper's baseline) has one word and one token, shared by every layer.
+
+``encode_prompts`` turns prompts into ``[batch, L, tokens, dim]``: copy ``l`` is the prompt
+with every concept word replaced by its layer-``l`` token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+METHODS = ("edlora", "lora")
+
+
+class ConceptError(ValueError):
+    """A concept name, token or class word is not usable; the message says why."""
+
+
+def parse_concept_name(text: str) -> str:
+    """``'<dog1>'`` or ``'dog1'`` -> ``'dog1'``; letters, digits, ``_`` and ``-`` only."""
+    raw = text.strip()
+    name = raw[1:-1] if raw.startswith("<") and raw.endswith(">") else raw
+    if not NAME_RE.match(name):
+        raise ConceptError(
+            f"concept name {text!r} is not allowed: use 1-64 letters, digits, '_' or '-' "
+            "(optionally in angle brackets, e.g. '<dog1>')"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept's names. ``num_layers`` is L for ED-LoRA and 1 for vanilla LoRA."""
+
+    name: str
+    class_word: str
+    method: str = "edlora"
+    num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        parse_concept_name(self.name)
+        if self.method not in METHODS:
+            raise ConceptError(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.num_layers < 1:
+            raise ConceptError("a concept needs at least one layer")
+
+    @property
+    def token(self) -> str:
+        """How users write the concept in prompts: ``<dog1>``."""
+        return f"<{self.name}>"
+
+    @property
+    def words(self) -> list[str]:
+        """``['<dog1_1>', '<dog1_2>']`` for ED-LoRA; ``['<dog1>']`` for vanilla LoRA."""
+        if self.method == "lora":
+            return [self.token]
+        return [f"<{self.name}_1>", f"<{self.name}_2>"]
+
+    @property
+    def layerwise(self) -> bool:
+        return self.method == "edlora"
+
+    def layer_token(self, word: int, layer: int) -> str:
+        """The tokenizer token of word ``word`` at cross-attention layer ``layer``."""
+        if not self.layerwise:
+            return self.words[word]
+        return f"<{self.name}_{word + 1}_l{layer}>"
+
+    def all_tokens(self) -> list[str]:
+        """Every token this concept adds, word-major: ``[w0 l0, w0 l1, ..., w1 l0, ...]``."""
+        n_layers = self.num_layers if self.layerwise else 1
+        return [self.layer_token(w, l) for w in range(len(self.words)) for l in range(n_layers)]
+
+    def phrase(self) -> str:
+        """The concept's words as they stand in a prompt: ``'<dog1_1> <dog1_2>'``."""
+        return " ".join(self.words)
+
+
+class ConceptTable:
+    """The concepts a model knows, with prompt expansion to per-layer token strings."""
+
+    def __init__(self, concepts: Iterable[Concept] = ()) -> None:
+        self._concepts: dict[str, Concept] = {}
+        for c in concepts:
+            self.add(c)
+
+    def add(self, concept: Concept) -> None:
+        if concept.name in self._concepts:
+            raise ConceptError(f"concept {concept.token} is already in the model")
+        self._concepts[concept.name] = concept
+
+    def __iter__(self):
+        return iter(self._concepts.values())
+
+    def __len__(self) -> int:
+        return len(self._concepts)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._concepts
+
+    def known_tokens(self) -> list[str]:
+        return [c.token for c in self]
+
+    def expand(self, prompt: str, num_layers: int) -> list[str]:
+        """The prompt's ``num_layers`` per-layer strings.
+
+        ``<dog1>`` stands for the concept's words; ED-LoRA words become their layer tokens.
+        An angle-bracket word the table does not know is an error naming the known ones.
+        """
+        text = prompt
+        for c in self:
+            if c.layerwise:
+                text = text.replace(c.token, c.phrase())
+        for match in re.findall(r"<[^<>\s]+>", text):
+            if not any(match in c.words for c in self):
+                known = ", ".join(self.known_tokens()) or "none"
+                raise ConceptError(f"unknown concept token {match} in prompt; known: {known}")
+        layered = []
+        for layer in range(num_layers):
+            s = text
+            for c in self:
+                if c.layerwise:
+                    for w, word in enumerate(c.words):
+                        s = s.replace(word, c.layer_token(w, layer))
+            layered.append(s)
+        return layered
+
+
+def encode_prompts(
+    text_encoder: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    concepts: ConceptTable,
+    num_layers: int,
+) -> torch.Tensor:
+    """``[batch, num_layers, tokens, dim]`` text encodings, copy ``l`` for layer ``l``.
+
+    Prompts without layer-wise concepts are encoded once and broadcast to every layer.
+    """
+    per_layer = [concepts.expand(p, num_layers) for p in prompts]
+    device = text_encoder.device
+    if all(len(set(copies)) == 1 for copies in per_layer):
+        ids = tokenize(tokenizer, [copies[0] for copies in per_layer]).to(device)
+        hidden = text_encoder(ids)[0]
+        return hidden.unsqueeze(1).expand(-1, num_layers, -1, -1)
+    flat = [s for copies in per_layer for s in copies]
+    ids = tokenize(tokenizer, flat).to(device)
+    hidden = text_encoder(ids)[0]
+    return hidden.view(len(prompts), num_layers, *hidden.shape[1:])
+
+
+def tokenize(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """CLIP input ids, padded/truncated to the tokenizer's max length (77 for SD)."""
+    return tokenizer(
+        list(texts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids

@@ -1,0 +1,172 @@
+"""LoRA as a plain module: ``y = W x + b + scale * B(A(dropout(x)))``.
+
+METHOD.md section 1: rank 4, scale 1.0 (not alpha/rank), ``A`` ("down") kaiming-uniform,
+``B`` ("up") zero, so an injected adapter is a no-op until it is trained.
+
+``LoRALinear`` *is* an ``nn.Linear`` that shares the original ``weight``/``bias``
+parameters and adds ``lora_A``/``lora_B`` children. The parent module's state-dict keys for
+the base weights therefore do not change, and the adapter keys follow the PEFT / diffusers
+naming: ``<module path>.lora_A.weight`` ``[rank, in]`` and ``<module path>.lora_B.weight``
+``[out, rank]``. With diffusers' ``load_lora_weights`` (alpha defaults to rank) the same
+tensors give the same scale-1 update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer with a low-rank adapter beside it (see module docstring)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4, dropout: float = 0.0) -> None:
+        nn.Module.__init__(self)
+        if rank < 1 or rank > min(base.in_features, base.out_features):
+            raise ValueError(
+                f"LoRA rank {rank} is out of range for a {base.in_features}->"
+                f"{base.out_features} layer"
+            )
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.scale == 0.0:
+            return out
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return out + self.scale * lora.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B @ A``, the update this adapter adds to ``weight``."""
+        return self.scale * (self.lora_B.weight @ self.lora_A.weight)
+
+    def to_linear(self, merge: bool = False) -> nn.Linear:
+        """A plain ``nn.Linear`` with the same base parameters (merged with the update if asked)."""
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        lin.weight = self.weight
+        lin.bias = self.bias
+        if merge:
+            with torch.no_grad():
+                lin.weight.add_(self.delta_weight().to(lin.weight.dtype))
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, rank={self.rank}, scale={self.scale}"
+
+
+def target_linear_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Names of the linears of ``model`` that LoRA adapts, in module order.
+
+    A name matches when it ends with one of ``targets``. For the UNet targets only the
+    transformer blocks' attentions (``attn1``/``attn2``) count, which is what SD 1.x LoRA
+    adapts; CLIP's targets match every ``self_attn`` projection.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or ".lora_" in name:
+            continue
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if targets == UNET_TARGETS and ".attn1." not in name and ".attn2." not in name:
+            continue
+        names.append(name)
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject_lora(
+    model: nn.Module, targets: tuple[str, ...], rank: int = 4, dropout: float = 0.0
+) -> dict[str, LoRALinear]:
+    """Replace each target linear of ``model`` with a ``LoRALinear`` (a no-op until trained).
+
+    Returns ``{module path: adapter layer}`` in module order.
+    """
+    layers: dict[str, LoRALinear] = {}
+    for name in target_linear_names(model, targets):
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            raise RuntimeError(f"{name} already carries a LoRA adapter; remove it first")
+        lora = LoRALinear(module, rank=rank, dropout=dropout)
+        _set_submodule(model, name, lora)
+        layers[name] = lora
+    if not layers:
+        raise RuntimeError(f"no layer of {type(model).__name__} matches LoRA targets {targets}")
+    return layers
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def remove_lora(model: nn.Module, merge: bool = False) -> int:
+    """Swap every ``LoRALinear`` back for a plain linear (merging its update if asked)."""
+    found = list(lora_layers(model))
+    for name, module in found:
+        _set_submodule(model, name, module.to_linear(merge=merge))
+    return len(found)
+
+
+def set_lora_scale(model: nn.Module, scale: float) -> None:
+    for _, module in lora_layers(model):
+        module.scale = float(scale)
+
+
+def lora_state_dict(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """``{prefix.<path>.lora_A.weight: A, prefix.<path>.lora_B.weight: B}`` for every adapter."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in lora_layers(model):
+        out[f"{prefix}.{name}.lora_A.weight"] = module.lora_A.weight.detach()
+        out[f"{prefix}.{name}.lora_B.weight"] = module.lora_B.weight.detach()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Copy adapter weights saved by ``lora_state_dict`` into the model's adapters (exact keys)."""
+    layers = dict(lora_layers(model))
+    wanted = {
+        f"{prefix}.{n}.lora_{ab}.weight": (n, ab) for n in layers for ab in ("A", "B")
+    }
+    given = {k for k in state if k.startswith(prefix + ".")}
+    missing, extra = sorted(set(wanted) - given), sorted(given - set(wanted))
+    if missing or extra:
+        raise KeyError(f"LoRA keys do not match the model: missing {missing[:3]}, extra {extra[:3]}")
+    with torch.no_grad():
+        for key, (name, ab) in wanted.items():
+            target = getattr(layers[name], f"lora_{ab}").weight
+            if target.shape != state[key].shape:
+                raise ValueError(f"{key}: shape {tuple(state[key].shape)} != {tuple(target.shape)}")
+            target.copy_(state[key].to(target.dtype))

@@ -1,0 +1,260 @@
+"""The concept package: one ``.safetensors`` file, the only thing a client ever uploads.
+
+Tensors
+    ``text_encoder.<path>.lora_A.weight`` ``[rank, in]`` / ``...lora_B.weight`` ``[out, rank]``
+    ``unet.<path>.lora_A.weight`` / ``unet.<path>.lora_B.weight`` (PEFT / diffusers names)
+    ``embeddings`` ``[words, layers, dim]`` (ED-LoRA: 2 x L; vanilla LoRA: 1 x 1)
+Header metadata (all strings)
+    ``format`` = ``mix-of-show/concept``, ``format_version``, ``concept`` (``<dog1>``),
+    ``words`` (JSON list), ``class_word``, ``method``, ``rank``, ``num_layers``,
+    ``base_fingerprint``, ``base_source``, ``training`` (JSON), ``metrics`` (JSON)
+
+Files are written atomically (temporary file + rename): an interrupted write leaves nothing.
+``ConceptPackage.load`` validates everything it can without a base; ``check_against``
+validates against the base it will be attached to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .base import BaseModel
+from .concepts import Concept, ConceptError
+from .lora import inject_lora, load_lora_state_dict, target_linear_names
+
+FORMAT = "mix-of-show/concept"
+FORMAT_VERSION = 1
+ALLOWED_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
+MAX_PACKAGE_BYTES = 1 << 30  # 1 GiB; an SD 1.x rank-4 package is ~3.5 MB
+
+
+class PackageError(ValueError):
+    """A concept package is malformed or does not fit the base; the message says what."""
+
+
+@dataclass
+class ConceptPackage:
+    concept: Concept
+    rank: int
+    embeddings: torch.Tensor
+    lora: dict[str, torch.Tensor]
+    base_fingerprint: str
+    base_source: str = ""
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        c = self.concept
+        return {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "concept": c.token,
+            "words": json.dumps(c.words),
+            "class_word": c.class_word,
+            "method": c.method,
+            "rank": str(self.rank),
+            "num_layers": str(c.num_layers),
+            "base_fingerprint": self.base_fingerprint,
+            "base_source": self.base_source,
+            "training": json.dumps(self.training, sort_keys=True),
+            "metrics": json.dumps(self.metrics, sort_keys=True),
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: v.detach().to("cpu").contiguous() for k, v in self.lora.items()}
+        out["embeddings"] = self.embeddings.detach().to("cpu", torch.float32).contiguous()
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write the package atomically; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(self.tensors(), tmp, metadata=self.metadata())
+            os.chmod(tmp, 0o644 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, max_bytes: int = MAX_PACKAGE_BYTES) -> ConceptPackage:
+        """Read and validate a package file (format, metadata, dtypes, shapes, finite values)."""
+        path = Path(path)
+        if not path.is_file():
+            raise PackageError(f"{path}: no such concept package")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise PackageError(f"{path}: {size} bytes is over the {max_bytes}-byte package limit")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as err:
+            raise PackageError(f"{path}: not a readable safetensors file ({err})") from err
+        return cls.from_parts(tensors, meta, origin=str(path))
+
+    @classmethod
+    def from_parts(
+        cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], origin: str = "package"
+    ) -> ConceptPackage:
+        """Build and validate a package from its tensors and metadata strings."""
+
+        def fail(msg: str) -> PackageError:
+            return PackageError(f"{origin}: {msg}")
+
+        if meta.get("format") != FORMAT:
+            raise fail(f"not a Mix-of-Show concept package (format={meta.get('format')!r})")
+        version = meta.get("format_version", "")
+        if version != str(FORMAT_VERSION):
+            raise fail(
+                f"package format version {version!r} is not supported (this build reads "
+                f"version {FORMAT_VERSION}); upgrade mix-of-show-flower or re-export the package"
+            )
+        try:
+            rank = int(meta["rank"])
+            num_layers = int(meta["num_layers"])
+            words = json.loads(meta["words"])
+            training = json.loads(meta.get("training", "{}"))
+            metrics = json.loads(meta.get("metrics", "{}"))
+            concept = Concept(
+                name=meta["concept"].strip("<>"),
+                class_word=meta["class_word"],
+                method=meta["method"],
+                num_layers=num_layers,
+            )
+        except KeyError as err:
+            raise fail(f"metadata field {err} is missing") from err
+        except (ValueError, TypeError, ConceptError) as err:
+            raise fail(f"bad metadata: {err}") from err
+        if concept.token != meta["concept"] and meta["concept"] != concept.name:
+            raise fail(f"bad concept token {meta['concept']!r}")
+        if words != concept.words:
+            raise fail(f"words {words} do not match concept {concept.token} ({concept.words})")
+        if rank < 1:
+            raise fail(f"rank {rank} must be >= 1")
+        if "embeddings" not in tensors:
+            raise fail("tensor 'embeddings' is missing")
+        for key, t in tensors.items():
+            if t.dtype not in ALLOWED_DTYPES:
+                raise fail(f"tensor {key} has dtype {t.dtype}; only fp16/bf16/fp32 are allowed")
+            if not bool(torch.isfinite(t).all()):
+                raise fail(f"tensor {key} has NaN or infinite values")
+        emb = tensors["embeddings"]
+        want_layers = num_layers if concept.layerwise else 1
+        if emb.ndim != 3 or emb.shape[0] != len(words) or emb.shape[1] != want_layers:
+            raise fail(
+                f"embeddings have shape {tuple(emb.shape)}; expected "
+                f"[{len(words)} words, {want_layers} layers, dim]"
+            )
+        lora = {k: v for k, v in tensors.items() if k != "embeddings"}
+        for key, t in lora.items():
+            prefix = key.split(".", 1)[0]
+            if prefix not in ("text_encoder", "unet") or not (
+                key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")
+            ):
+                raise fail(f"unexpected tensor {key}")
+            if t.ndim != 2:
+                raise fail(f"tensor {key} must be 2-D, has shape {tuple(t.shape)}")
+            r = t.shape[0] if key.endswith("lora_A.weight") else t.shape[1]
+            if r != rank:
+                raise fail(f"tensor {key} has rank {r}, metadata says rank {rank}")
+        for key in lora:
+            other = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(
+                ".lora_B.", ".lora_A."
+            )
+            if other not in lora:
+                raise fail(f"tensor {key} has no partner {other}")
+        return cls(
+            concept=concept,
+            rank=rank,
+            embeddings=emb.float(),
+            lora=lora,
+            base_fingerprint=meta.get("base_fingerprint", ""),
+            base_source=meta.get("base_source", ""),
+            training=training,
+            metrics=metrics,
+        )
+
+    def check_against(self, base: BaseModel, *, check_fingerprint: bool = True) -> None:
+        """Refuse a package that was trained on another base or does not fit its shapes."""
+        if check_fingerprint and self.base_fingerprint != base.fingerprint:
+            raise PackageError(
+                f"concept {self.concept.token} was trained on another base model "
+                f"(package base {self.base_fingerprint[:12]} from "
+                f"{self.base_source or 'unknown'}; this base {base.fingerprint[:12]} from "
+                f"{base.source})"
+            )
+        c = self.concept
+        layers = base.num_cross_attention_layers
+        if c.layerwise and c.num_layers != layers:
+            raise PackageError(
+                f"concept {c.token} has embeddings for {c.num_layers} cross-attention layers; "
+                f"this base has {layers}"
+            )
+        if self.embeddings.shape[-1] != base.text_dim:
+            raise PackageError(
+                f"concept {c.token} has {self.embeddings.shape[-1]}-dim embeddings; this base's "
+                f"text encoder is {base.text_dim}-dim"
+            )
+        expected = expected_lora_shapes(base, self.rank)
+        missing = sorted(set(expected) - set(self.lora))
+        extra = sorted(set(self.lora) - set(expected))
+        if missing or extra:
+            raise PackageError(
+                f"concept {c.token}: LoRA layers do not match this base "
+                f"({len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unknown, e.g. {extra[:2]})"
+            )
+        for key, shape in expected.items():
+            if tuple(self.lora[key].shape) != shape:
+                raise PackageError(
+                    f"concept {c.token}: {key} has shape {tuple(self.lora[key].shape)}, "
+                    f"this base needs {shape}"
+                )
+
+
+def expected_lora_shapes(base: BaseModel, rank: int) -> dict[str, tuple[int, int]]:
+    """The ``{key: shape}`` of every LoRA tensor a package for ``base`` must carry."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for prefix, model, targets in base.lora_components():
+        for name in target_linear_names(model, targets):
+            lin = model.get_submodule(name)
+            shapes[f"{prefix}.{name}.lora_A.weight"] = (rank, lin.in_features)
+            shapes[f"{prefix}.{name}.lora_B.weight"] = (lin.out_features, rank)
+    return shapes
+
+
+def attach_package(base: BaseModel, package: ConceptPackage, concepts) -> None:
+    """Load a concept onto ``base``: its tokens and embeddings, and its LoRA adapters.
+
+    ``concepts`` (a ``ConceptTable``) gets the concept. The base's UNet and text encoder
+    carry the package's adapters afterwards (``lora.remove_lora`` takes them off).
+    """
+    from .edlora import add_concept_tokens, write_embeddings
+
+    package.check_against(base)
+    add_concept_tokens(base, package.concept)
+    write_embeddings(base, package.concept, package.embeddings)
+    for prefix, model, targets in base.lora_components():
+        inject_lora(model, targets, rank=package.rank)
+        load_lora_state_dict(model, package.lora, prefix)
+    concepts.add(package.concept)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

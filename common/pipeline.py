@@ -1,0 +1,138 @@
+"""Sampling with layer-wise concept embeddings (ED-LoRA), in the style of a diffusers pipeline.
+
+``MixOfShowPipeline(base, concepts)`` samples from a base that carries concepts (tokens,
+embeddings, LoRA adapters): every prompt is encoded once per cross-attention layer and each
+layer reads its own copy. Any diffusers scheduler can be set as ``pipe.scheduler``;
+classifier-free guidance as in ``StableDiffusionPipeline`` (``[uncond, cond]`` batches), so
+a pipeline without concepts gives exactly what diffusers gives for the same seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .attention import layerwise_cross_attention
+from .base import BaseModel
+from .concepts import ConceptTable, encode_prompts
+from .lora import lora_layers
+from .package import ConceptPackage, attach_package
+
+
+class MixOfShowPipeline:
+    def __init__(self, base: BaseModel, concepts: ConceptTable | None = None) -> None:
+        self.base = base
+        self.concepts = concepts if concepts is not None else ConceptTable()
+        self.scheduler = base.scheduler
+
+    @classmethod
+    def from_packages(
+        cls, base: BaseModel, packages: Sequence[ConceptPackage]
+    ) -> MixOfShowPipeline:
+        """Attach one concept package to ``base`` (several need fusion: ``mos-fuse``)."""
+        if len(packages) > 1:
+            raise ValueError(
+                "one base can carry one concept package's LoRA at a time; fuse several "
+                "packages into one model first"
+            )
+        concepts = ConceptTable()
+        for pkg in packages:
+            attach_package(base, pkg, concepts)
+        return cls(base, concepts)
+
+    @contextlib.contextmanager
+    def lora_scale(self, scale: float | None) -> Iterator[None]:
+        """Temporarily scale every LoRA adapter (0 = embeddings only; None = leave as is)."""
+        layers = [l for m in (self.base.text_encoder, self.base.unet) for _, l in lora_layers(m)]
+        saved = [layer.scale for layer in layers]
+        try:
+            if scale is not None:
+                for layer in layers:
+                    layer.scale = float(scale)
+            yield
+        finally:
+            for layer, s in zip(layers, saved, strict=True):
+                layer.scale = s
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[batch, L, tokens, dim]`` for the UNet's L cross-attention layers."""
+        b = self.base
+        return encode_prompts(
+            b.text_encoder, b.tokenizer, prompts, self.concepts, b.num_cross_attention_layers
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        lora_scale: float | None = None,
+        output_type: str = "pil",
+        progress: bool = False,
+    ) -> list[Image.Image] | torch.Tensor:
+        b = self.base
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ValueError("prompt must not be empty")
+        negatives = (
+            [negative_prompt] * len(prompts)
+            if isinstance(negative_prompt, str)
+            else list(negative_prompt)
+        )
+        if len(negatives) != len(prompts):
+            raise ValueError("give one negative prompt, or one per prompt")
+        height = height or b.default_resolution
+        width = width or b.default_resolution
+        factor = b.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}")
+        if num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be >= 1")
+        device = b.device
+        dtype = b.unet.dtype
+
+        with self.lora_scale(lora_scale), layerwise_cross_attention(b.unet):
+            cond = self.encode(prompts)
+            cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
+            do_cfg = guidance_scale > 1.0
+            if do_cfg:
+                uncond = self.encode(negatives).repeat_interleave(num_images_per_prompt, dim=0)
+                context = torch.cat([uncond, cond]).to(dtype)
+            else:
+                context = cond.to(dtype)
+
+            batch = len(prompts) * num_images_per_prompt
+            shape = (batch, b.unet.config.in_channels, height // factor, width // factor)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            scheduler = self.scheduler
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            latents = latents * scheduler.init_noise_sigma
+            for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling"):
+                model_in = torch.cat([latents] * 2) if do_cfg else latents
+                model_in = scheduler.scale_model_input(model_in, t)
+                eps = b.unet(model_in, t, encoder_hidden_states=context).sample
+                if do_cfg:
+                    eps_u, eps_c = eps.chunk(2)
+                    eps = eps_u + guidance_scale * (eps_c - eps_u)
+                latents = scheduler.step(eps, t, latents).prev_sample
+
+        images = b.vae.decode(latents / b.vae.config.scaling_factor).sample
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in arr]

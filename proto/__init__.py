@@ -1,0 +1,1 @@
+"""The project's own gRPC surface (later issue)."""

@@ -1,0 +1,1 @@
+"""Centre node: registry, fusion engine, Flower ServerApp (later issues)."""
