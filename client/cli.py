@@ -48,11 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="folder of photos (jpg/png/webp)")
     p.add_argument("--concept", required=True, help="concept name, e.g. '<dog1>' or dog1")
     p.add_argument("--class-word", help="one-token class word (default: the name without digits)")
-    p.add_argument("--base-model", default=TINY, help="tiny | diffusers folder | .safetensors | hub id")
-    p.add_argument("--base-config", help="local diffusers folder with the configs of a single-file checkpoint")
+    p.add_argument(
+        "--base-model", default=TINY, help="tiny | diffusers folder | .safetensors | hub id"
+    )
+    p.add_argument(
+        "--base-config", help="local diffusers folder with the configs of a single-file checkpoint"
+    )
     p.add_argument("--method", choices=("edlora", "lora"), default="edlora")
     p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--resolution", type=int, help="training resolution (default: the base's native)")
+    p.add_argument(
+        "--resolution", type=int, help="training resolution (default: the base's native)"
+    )
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--lora-dropout", type=float, default=0.0)
@@ -113,7 +119,10 @@ def run(args: argparse.Namespace) -> Path:
             seed=args.seed,
         )
     except ValidationError as err:
-        msgs = "; ".join(f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        msgs = "; ".join(
+            f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in err.errors()
+        )
         raise UsageError(msgs) from err
     out = args.out or Path(f"{name}.safetensors")
     if out.suffix != ".safetensors":
@@ -129,17 +138,26 @@ def run(args: argparse.Namespace) -> Path:
     base.to(device)
     log.info(
         "tuning <%s> (class word %r, %s, %d steps, batch %d, %d px) on %s",
-        name, class_word, config.method, config.steps, config.batch_size,
-        config.resolution or base.default_resolution, device,
+        name,
+        class_word,
+        config.method,
+        config.steps,
+        config.batch_size,
+        config.resolution or base.default_resolution,
+        device,
     )
     result = train_concept(base, photos, name, class_word, config, progress=not args.quiet)
     package = result.package
     package.save(out)
-    log.info("wrote %s (%.1f s, final loss %.4f)", out, result.seconds, package.metrics["final_loss"])
+    log.info(
+        "wrote %s (%.1f s, final loss %.4f)", out, result.seconds, package.metrics["final_loss"]
+    )
     stem = out.with_suffix("")
     loss_curve(result.losses, f"{package.concept.token} training loss").save(f"{stem}.loss.png")
     if not args.no_samples:
-        grid = validation_grid(base, result.concepts, package.concept.token, args.sample_steps, args.seed)
+        grid = validation_grid(
+            base, result.concepts, package.concept.token, args.sample_steps, args.seed
+        )
         grid.save(f"{stem}.samples.png")
         log.info("wrote %s.samples.png (rows: prompts; columns: LoRA scale 0, 0.7, 1.0)", stem)
     return out

@@ -115,7 +115,9 @@ def load_photo_folder(
             continue
         if lower.endswith(MASK_SUFFIX) or lower.endswith(CAPTION_EXTENSION):
             stem = name[: -len(MASK_SUFFIX)] if lower.endswith(MASK_SUFFIX) else path.stem
-            if not any(stem + ext in names or stem + ext.upper() in names for ext in IMAGE_EXTENSIONS):
+            if not any(
+                stem + ext in names or stem + ext.upper() in names for ext in IMAGE_EXTENSIONS
+            ):
                 log.warning("%s has no image beside it; ignored", name)
             continue
         if not lower.endswith(IMAGE_EXTENSIONS):

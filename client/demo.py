@@ -28,7 +28,13 @@ def draw_sprite_photo(rng: random.Random, size: int = 96) -> Image.Image:
     e = max(1, r // 5)
     for ex in (cx - r // 3, cx + r // 3):
         d.ellipse((ex - e, cy - r // 4 - e, ex + e, cy - r // 4 + e), fill=(20, 20, 20))
-    d.arc((cx - r // 2, cy - r // 4, cx + r // 2, cy + r // 2), 20, 160, fill=(120, 20, 20), width=max(1, r // 8))
+    d.arc(
+        (cx - r // 2, cy - r // 4, cx + r // 2, cy + r // 2),
+        20,
+        160,
+        fill=(120, 20, 20),
+        width=max(1, r // 8),
+    )
     d.polygon([(cx - r, cy - r // 2), (cx + r, cy - r // 2), (cx, cy - 2 * r)], fill=(210, 30, 40))
     return img
 
@@ -54,17 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mos-demo: wrote demo photos to {photos}")
     code = cli.main(
         [
-            "--data", str(photos),
-            "--concept", "<smiley1>",
-            "--class-word", "face",
-            "--steps", str(args.steps),
-            "--batch-size", "4",
-            "--out", str(args.out / "smiley1.safetensors"),
+            "--data",
+            str(photos),
+            "--concept",
+            "<smiley1>",
+            "--class-word",
+            "face",
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            "4",
+            "--out",
+            str(args.out / "smiley1.safetensors"),
             "--force",
         ]
     )
     if code == 0:
-        print(f"mos-demo: done. Look at {args.out}/smiley1.samples.png and {args.out}/smiley1.loss.png")
+        print(
+            f"mos-demo: done. Look at {args.out}/smiley1.samples.png and {args.out}/smiley1.loss.png"
+        )
     return code
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..common.attention import AttentionMapRecorder, layerwise_cross_attention
 from ..common.base import BaseModel
-from ..common.concepts import Concept, ConceptTable, tokenize
+from ..common.concepts import Concept, ConceptTable, encode_prompts, tokenize
 from ..common.config import TrainConfig
 from ..common.edlora import add_concept_tokens, initial_embeddings, trainable_rows
 from ..common.lora import inject_lora, lora_state_dict
@@ -74,6 +74,58 @@ def _encode_latents(
     return torch.cat(means), torch.cat(stds)
 
 
+@torch.no_grad()
+def denoising_loss(
+    base: BaseModel,
+    concepts: ConceptTable,
+    photos: list[Photo],
+    caption: str,
+    *,
+    resolution: int | None = None,
+    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
+    seed: int = 0,
+) -> float:
+    """Mean epsilon-MSE of ``base`` on ``photos`` with ``caption``, over fixed noise and timesteps.
+
+    The same photos, seed and timesteps give the same batch, so two models can be compared
+    (a concept model before and after tuning, or the fused model against the concept model).
+    """
+    resolution = resolution or base.default_resolution
+    pixels = torch.stack([photo_tensors(p, resolution)[0] for p in photos])
+    latents, _ = _encode_latents(base, pixels)
+    gen = torch.Generator().manual_seed(seed)
+    num_layers = base.num_cross_attention_layers
+    total = 0.0
+    with layerwise_cross_attention(base.unet):
+        context = encode_prompts(
+            base.text_encoder, base.tokenizer, [caption] * len(photos), concepts, num_layers
+        )
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=gen).to(base.device)
+            tt = torch.full((len(photos),), t, device=base.device)
+            noisy = base.noise_scheduler.add_noise(latents, noise, tt)
+            pred = base.unet(noisy, tt, encoder_hidden_states=context).sample
+            total += float(F.mse_loss(pred.float(), noise))
+    return total / len(timesteps)
+
+
+def masked_mse(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the squared error ``err`` ``[B, C, h, w]`` over the pixels inside ``mask``.
+
+    ``mask`` ``[B, 1, H, W]`` in [0, 1] is area-downsampled to the latent grid; the mean is
+    weighted by it, over every channel.
+    """
+    m = F.interpolate(mask, size=err.shape[-2:], mode="area")
+    return (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1e-8)
+
+
+def _word_map(probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A word's attention map ``[B, pixels]`` (mean over its positions), divided by its max."""
+    weights = positions.float() / positions.float().sum(dim=1, keepdim=True).clamp(min=1)
+    a = torch.einsum("bpt,bt->bp", probs.float(), weights)
+    return a / a.amax(dim=1, keepdim=True).clamp(min=1e-8)
+
+
 def attention_regularisation(
     maps: dict[int, torch.Tensor],
     masks: torch.Tensor,
@@ -90,17 +142,9 @@ def attention_regularisation(
     losses = []
     for probs in maps.values():
         pixels = probs.shape[1]
-        side = int(round(math.sqrt(pixels)))
-        h = side
-        w = pixels // side
-        m = F.interpolate(masks, size=(h, w), mode="area").flatten(1)  # [B, pixels]
-
-        def word_map(pos: torch.Tensor) -> torch.Tensor:
-            weights = pos.float() / pos.float().sum(dim=1, keepdim=True).clamp(min=1)
-            a = torch.einsum("bpt,bt->bp", probs.float(), weights)
-            return a / a.amax(dim=1, keepdim=True).clamp(min=1e-8)
-
-        a1, a2 = word_map(pos_first), word_map(pos_second)
+        h = int(round(math.sqrt(pixels)))  # square latents; SD's maps are h x h
+        m = F.interpolate(masks, size=(h, pixels // h), mode="area").flatten(1)  # [B, pixels]
+        a1, a2 = _word_map(probs, pos_first), _word_map(probs, pos_second)
         losses.append(((a2 - m) ** 2).mean() + ((a1 * (1 - m)) ** 2).mean())
     return torch.stack(losses).mean()
 
@@ -118,11 +162,8 @@ def train_concept(
     """Tune one concept on ``photos``; returns its package (see module docstring)."""
     device = base.device
     resolution = config.resolution or base.default_resolution
-    if resolution % (base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)):
-        raise ValueError(
-            f"resolution {resolution} does not divide into this model's latent grid "
-            f"(use a multiple of {base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)})"
-        )
+    if resolution % base.vae_scale_factor:
+        raise ValueError(f"resolution {resolution} must be a multiple of {base.vae_scale_factor}")
     num_layers = base.num_cross_attention_layers
     concept = Concept(
         concept_name,
@@ -153,19 +194,26 @@ def train_concept(
     caption_ids = torch.stack(
         [tokenize(base.tokenizer, concepts.expand(c, copies)) for c in captions]
     ).to(device)  # [N, copies, 77]
-    first_ids = set(base.tokenizer.convert_tokens_to_ids(
-        [concept.layer_token(0, l) for l in range(copies)]))
-    second_ids = set(base.tokenizer.convert_tokens_to_ids(
-        [concept.layer_token(len(concept.words) - 1, l) for l in range(copies)]))
+    word_ids = [  # [copies] token ids of the first and the last word, for the attention maps
+        torch.tensor(
+            base.tokenizer.convert_tokens_to_ids(
+                [concept.layer_token(w, i) for i in range(copies)]
+            ),
+            device=device,
+        )
+        for w in (0, len(concept.words) - 1)
+    ]
     use_masks = bool(has_mask_t.any())
     use_attn_reg = use_masks and config.attention_reg_weight > 0
 
     # --- trainable parameters ------------------------------------------------------
     te_prefix, _, te_targets = base.lora_components()[0]
     te_layers = inject_lora(base.text_encoder, te_targets, config.rank, config.lora_dropout)
-    unet_layers = inject_lora(base.unet, base.lora_components()[1][2], config.rank, config.lora_dropout)
-    te_params = [p for l in te_layers.values() for p in (l.lora_A.weight, l.lora_B.weight)]
-    unet_params = [p for l in unet_layers.values() for p in (l.lora_A.weight, l.lora_B.weight)]
+    unet_layers = inject_lora(
+        base.unet, base.lora_components()[1][2], config.rank, config.lora_dropout
+    )
+    te_params = [p for x in te_layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
+    unet_params = [p for x in unet_layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
     gc = config.gradient_checkpointing
     if gc is None:
         gc = device.type == "cuda"
@@ -238,18 +286,14 @@ def train_concept(
                     pred = base.unet(noisy, t, encoder_hidden_states=hidden).sample
                 err = (pred.float() - target.float()) ** 2
                 m = masks_t[idx.to(device), flip.to(device)]
-                if use_masks and config.mask_loss:
-                    m_lat = F.interpolate(m, size=err.shape[-2:], mode="area")
-                    loss = (err * m_lat).sum() / (m_lat.sum() * err.shape[1]).clamp(min=1e-8)
-                else:
-                    loss = err.mean()
+                loss = masked_mse(err, m) if use_masks and config.mask_loss else err.mean()
                 if recorder is not None:
                     sel = has_mask_t[idx.to(device)]
                     if bool(sel.any()):
                         b_ids = batch_ids[:, 0]
-                        pos1 = torch.isin(b_ids, torch.tensor(sorted(first_ids), device=device))
-                        pos2 = torch.isin(b_ids, torch.tensor(sorted(second_ids), device=device))
-                        maps = {l: a[sel] for l, a in recorder.maps.items()}
+                        pos1 = torch.isin(b_ids, word_ids[0])
+                        pos2 = torch.isin(b_ids, word_ids[1])
+                        maps = {i: a[sel] for i, a in recorder.maps.items()}
                         loss = loss + config.attention_reg_weight * attention_regularisation(
                             maps, m[sel], pos1[sel], pos2[sel]
                         )
@@ -264,23 +308,31 @@ def train_concept(
                 schedule.step()
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"loss became {value} at step {step}; lower the learning rates")
+                    raise FloatingPointError(
+                        f"loss became {value} at step {step}; lower the learning rates"
+                    )
                 losses.append(value)
                 if (
                     frozen_at is None
                     and config.embedding_norm_threshold is not None
                     and rows.rows.requires_grad
-                    and float(rows.rows.detach().norm(dim=-1).mean()) >= config.embedding_norm_threshold
+                    and float(rows.rows.detach().norm(dim=-1).mean())
+                    >= config.embedding_norm_threshold
                 ):
                     rows.rows.requires_grad_(False)
                     rows.rows.grad = None
                     frozen_at = step + 1
-                    log.info("embedding norm reached %.2f at step %d: embeddings frozen",
-                             config.embedding_norm_threshold, frozen_at)
+                    log.info(
+                        "embedding norm reached %.2f at step %d: embeddings frozen",
+                        config.embedding_norm_threshold,
+                        frozen_at,
+                    )
                 bar.set_postfix(loss=f"{value:.4f}")
                 if progress and (step + 1) % log_every == 0:
                     recent = losses[-log_every:]
-                    log.info("step %d/%d loss %.4f", step + 1, config.steps, sum(recent) / len(recent))
+                    log.info(
+                        "step %d/%d loss %.4f", step + 1, config.steps, sum(recent) / len(recent)
+                    )
                 if on_step is not None:
                     on_step(step, value)
             trained = rows.rows.detach().clone()
@@ -293,7 +345,7 @@ def train_concept(
             p.requires_grad_(False)
     seconds = time.perf_counter() - start
     embeddings = trained.view(len(concept.words), copies, -1).float().cpu()
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     package = ConceptPackage(
         concept=concept,
         rank=config.rank,

@@ -92,9 +92,7 @@ class LayerwiseCrossAttnProcessor:
             attn,
             hidden_states,
             encoder_hidden_states,
-            record=(
-                (lambda p: self.recorder.record(self.layer, p)) if self.recorder else None
-            ),
+            record=((lambda p: self.recorder.record(self.layer, p)) if self.recorder else None),
         )
 
 

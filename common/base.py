@@ -273,19 +273,21 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
             "(and unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     missing = [
-        p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()
+        p
+        for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        if not (path / p).is_dir()
     ]
     if missing:
         raise BaseModelError(f"{path}: missing component folder(s): {', '.join(missing)}")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(path),
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=True,
         )
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise BaseModelError(f"{path}: could not load the diffusers folder: {err}") from err
     return _finish(pipe, str(path))
 
@@ -304,7 +306,7 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype)
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path),
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
             **kwargs,
@@ -317,7 +319,9 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype)
                 "diffusers folder of the same architecture (e.g. a stable-diffusion-v1-5 folder; "
                 f"weights not needed). ({type(err).__name__}: {err})"
             ) from err
-        raise BaseModelError(f"{path}: could not load the checkpoint with config {config}: {err}") from err
+        raise BaseModelError(
+            f"{path}: could not load the checkpoint with config {config}: {err}"
+        ) from err
     return _finish(pipe, str(path))
 
 
@@ -329,7 +333,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> BaseModel:
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             repo_id,
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=_offline(),

@@ -79,7 +79,7 @@ class Concept:
     def all_tokens(self) -> list[str]:
         """Every token this concept adds, word-major: ``[w0 l0, w0 l1, ..., w1 l0, ...]``."""
         n_layers = self.num_layers if self.layerwise else 1
-        return [self.layer_token(w, l) for w in range(len(self.words)) for l in range(n_layers)]
+        return [self.layer_token(w, i) for w in range(len(self.words)) for i in range(n_layers)]
 
     def phrase(self) -> str:
         """The concept's words as they stand in a prompt: ``'<dog1_1> <dog1_2>'``."""

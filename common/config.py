@@ -37,7 +37,10 @@ class TrainConfig(_Model):
     )
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch input")
     kv_dropout: float = Field(
-        0.0, ge=0, lt=1, description="dropout on cross-attention key/value text input (0.2 for objects)"
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout on cross-attention key/value text input (0.2 for objects)",
     )
     mask_loss: bool = Field(True, description="with masks: the loss counts only inside the mask")
     attention_reg_weight: float = Field(

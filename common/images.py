@@ -43,7 +43,9 @@ def image_grid(
     return grid
 
 
-def loss_curve(values: Sequence[float], title: str = "loss", size: tuple[int, int] = (480, 240)) -> Image.Image:
+def loss_curve(
+    values: Sequence[float], title: str = "loss", size: tuple[int, int] = (480, 240)
+) -> Image.Image:
     """A line plot of ``values`` (raw in light grey, a moving average in blue)."""
     w, h = size
     img = Image.new("RGB", size, "white")
@@ -68,6 +70,9 @@ def loss_curve(values: Sequence[float], title: str = "loss", size: tuple[int, in
     if n > 1:
         draw.line([xy(i, v) for i, v in enumerate(values)], fill=(200, 200, 200))
         k = max(1, n // 20)
-        smooth = [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1]) for i in range(n)]
+        smooth = [
+            sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
+            for i in range(n)
+        ]
         draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 90, 200), width=2)
     return img

@@ -157,13 +157,13 @@ def lora_state_dict(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
     """Copy adapter weights saved by ``lora_state_dict`` into the model's adapters (exact keys)."""
     layers = dict(lora_layers(model))
-    wanted = {
-        f"{prefix}.{n}.lora_{ab}.weight": (n, ab) for n in layers for ab in ("A", "B")
-    }
+    wanted = {f"{prefix}.{n}.lora_{ab}.weight": (n, ab) for n in layers for ab in ("A", "B")}
     given = {k for k in state if k.startswith(prefix + ".")}
     missing, extra = sorted(set(wanted) - given), sorted(given - set(wanted))
     if missing or extra:
-        raise KeyError(f"LoRA keys do not match the model: missing {missing[:3]}, extra {extra[:3]}")
+        raise KeyError(
+            f"LoRA keys do not match the model: missing {missing[:3]}, extra {extra[:3]}"
+        )
     with torch.no_grad():
         for key, (name, ab) in wanted.items():
             target = getattr(layers[name], f"lora_{ab}").weight

@@ -173,8 +173,10 @@ class ConceptPackage:
             if r != rank:
                 raise fail(f"tensor {key} has rank {r}, metadata says rank {rank}")
         for key in lora:
-            other = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(
-                ".lora_B.", ".lora_A."
+            other = (
+                key.replace(".lora_A.", ".lora_B.")
+                if ".lora_A." in key
+                else key.replace(".lora_B.", ".lora_A.")
             )
             if other not in lora:
                 raise fail(f"tensor {key} has no partner {other}")

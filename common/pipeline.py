@@ -49,7 +49,7 @@ class MixOfShowPipeline:
     @contextlib.contextmanager
     def lora_scale(self, scale: float | None) -> Iterator[None]:
         """Temporarily scale every LoRA adapter (0 = embeddings only; None = leave as is)."""
-        layers = [l for m in (self.base.text_encoder, self.base.unet) for _, l in lora_layers(m)]
+        layers = [x for m in (self.base.text_encoder, self.base.unet) for _, x in lora_layers(m)]
         saved = [layer.scale for layer in layers]
         try:
             if scale is not None:
