@@ -159,7 +159,26 @@ def train_concept(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Tune one concept on ``photos``; returns its package (see module docstring)."""
+    """Tune one concept on ``photos``; returns its package (see module docstring).
+
+    Deterministic for a given ``config.seed`` (LoRA initialisation and dropout included);
+    the caller's global RNG state is left as it was.
+    """
+    devices = [base.device] if base.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        return _train(base, photos, concept_name, class_word, config, progress, on_step)
+
+
+def _train(
+    base: BaseModel,
+    photos: list[Photo],
+    concept_name: str,
+    class_word: str,
+    config: TrainConfig,
+    progress: bool,
+    on_step: Callable[[int, float], None] | None,
+) -> TrainResult:
     device = base.device
     resolution = config.resolution or base.default_resolution
     if resolution % base.vae_scale_factor:
@@ -219,6 +238,7 @@ def train_concept(
         gc = device.type == "cuda"
     if gc:
         base.unet.enable_gradient_checkpointing()
+        base.text_encoder.gradient_checkpointing_enable({"use_reentrant": False})
     amp = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     prediction = base.noise_scheduler.config.prediction_type
@@ -341,6 +361,7 @@ def train_concept(
         base.unet.eval()
         if gc:
             base.unet.disable_gradient_checkpointing()
+            base.text_encoder.gradient_checkpointing_disable()
         for p in te_params + unet_params:
             p.requires_grad_(False)
     seconds = time.perf_counter() - start

@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from typing import TYPE_CHECKING
+
+import transformers
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -32,6 +34,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .attention import cross_attention_layers
 from .lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, target_linear_names
 from .tokenizer import build_tiny_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ class BaseModel:
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write an ordinary diffusers folder (``StableDiffusionPipeline.from_pretrained`` reads it)."""
-        pipe = StableDiffusionPipeline(
+        pipe = sd_pipeline_class()(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
@@ -135,6 +140,21 @@ class BaseModel:
             scheduler=DPMSolverMultistepScheduler.from_config(sched_config),
             source=source,
         )
+
+
+def sd_pipeline_class() -> type[StableDiffusionPipeline]:
+    """diffusers' ``StableDiffusionPipeline``, imported with transformers' notices muted.
+
+    Importing it pulls in CLIP's image processor, and transformers then prints that
+    torchvision is missing (we never use image processors) on every command.
+    """
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        transformers.logging.set_verbosity(previous)
+    return StableDiffusionPipeline
 
 
 def tiny_configs() -> dict[str, dict]:
@@ -280,7 +300,7 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     if missing:
         raise BaseModelError(f"{path}: missing component folder(s): {', '.join(missing)}")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = sd_pipeline_class().from_pretrained(
             str(path),
             dtype=dtype,
             safety_checker=None,
@@ -304,7 +324,7 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype)
     else:
         kwargs = {"local_files_only": _offline()}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
+        pipe = sd_pipeline_class().from_single_file(
             str(path),
             dtype=dtype,
             safety_checker=None,
@@ -331,7 +351,7 @@ def _offline() -> bool:
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> BaseModel:
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = sd_pipeline_class().from_pretrained(
             repo_id,
             dtype=dtype,
             safety_checker=None,

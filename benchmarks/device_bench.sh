@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU benchmark as ONE command, for a lent GPU machine (or any CUDA box):
+#   bash benchmarks/device_bench.sh            # results (Markdown + JSON) in $OUT or benchmarks/results
+# On this workplace's device machines nothing can be downloaded: first run
+#   bash benchmarks/fetch_wheels.sh            # here, once: pure-Python wheels into .whl/
+# and pass .whl in the run's carry list. Set STEPS (default 60) and FULL=1 to also time a
+# whole 1000-step ED-LoRA run (the "1000 steps in under 4 minutes" target).
+set -euo pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/mos .
+export PYTHONPATH=/tmp/mos${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.csv" 2>&1 || true
+python3 -c 'import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)' | tee "$OUT/versions.txt"
+STEPS=${STEPS:-60}
+python3 benchmarks/bench_edlora.py --model sd15 --resolution 512 --batch-size 2 --steps "$STEPS" \
+    --warmup 10 --out "$OUT/edlora-sd15-512-b2.json" | tee "$OUT/edlora-sd15-512-b2.md"
+python3 benchmarks/bench_edlora.py --model tiny --steps 200 --out "$OUT/edlora-tiny.json" | tee "$OUT/edlora-tiny.md"
+if [ "${FULL:-0}" = 1 ]; then
+    python3 benchmarks/bench_edlora.py --model sd15 --resolution 512 --batch-size 2 --steps 1000 \
+        --warmup 10 --out "$OUT/edlora-sd15-1000.json" | tee "$OUT/edlora-sd15-1000.md"
+fi
