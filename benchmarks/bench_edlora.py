@@ -28,7 +28,12 @@ import torch
 
 def sd15_base():
     """A base model with SD 1.5's shapes and random weights (our tokenizer, CLIP-L widths)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from mos.common.base import SD_SCHEDULER_CONFIG, BaseModel
@@ -168,14 +173,20 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     ed, lo = rows
-    print(f"\n{ed['model']} at {ed['resolution']} px, batch {ed['batch_size']}, {ed['steps']} steps "
-          f"({ed['warmup']} warm-up), on {ed['device']} (torch {ed['torch']}, {ed['threads']} threads)\n")
+    print(
+        f"\n{ed['model']} at {ed['resolution']} px, batch {ed['batch_size']}, {ed['steps']} steps "
+        f"({ed['warmup']} warm-up), on {ed['device']} (torch {ed['torch']}, {ed['threads']} threads)\n"
+    )
     print("| method | steps/s | peak memory (GiB) | whole run (s) |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['steps_per_s']:.2f} | {r['peak_gib']:.2f} | {r['total_s']:.1f} |")
-    print(f"| ED-LoRA / LoRA | {ed['steps_per_s'] / lo['steps_per_s']:.2f}x | "
-          f"{ed['peak_gib'] / lo['peak_gib']:.2f}x | |")
+        print(
+            f"| {r['method']} | {r['steps_per_s']:.2f} | {r['peak_gib']:.2f} | {r['total_s']:.1f} |"
+        )
+    print(
+        f"| ED-LoRA / LoRA | {ed['steps_per_s'] / lo['steps_per_s']:.2f}x | "
+        f"{ed['peak_gib'] / lo['peak_gib']:.2f}x | |"
+    )
     print(f"\npeak memory is {ed['peak_kind']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 from typing import TYPE_CHECKING
 
+import torch
 import transformers
 from diffusers import (
     AutoencoderKL,

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from mos.client.demo import draw_sprite_photo
 from mos.common.base import BaseModel, build_tiny
 

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+
 from mos.common.attention import cross_attention_layers
 from mos.common.base import BaseModelError, build_tiny, load_base_model
 from mos.common.single_file import save_single_file

@@ -4,10 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from mos.client.cli import main
-from mos.common.package import ConceptPackage
 from PIL import Image
 
+from mos.client.cli import main
+from mos.common.package import ConceptPackage
 from tests.conftest import make_photos
 
 

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
+from PIL import Image
+
 from mos.client.data import (
     DEFAULT_CAPTION,
     PhotoFolderError,
     load_photo_folder,
     photo_tensors,
 )
-from PIL import Image
-
 from tests.conftest import make_photos
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+
 from mos.common.attention import cross_attention_layers, layerwise_cross_attention
 from mos.common.concepts import (
     Concept,

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from torch import nn
+
 from mos.common.lora import (
     LoRALinear,
     inject_lora,
@@ -8,7 +10,6 @@ from mos.common.lora import (
     remove_lora,
     target_linear_names,
 )
-from torch import nn
 
 
 def _unet_out(base, seed=0):

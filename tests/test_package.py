@@ -2,14 +2,15 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from mos.client.data import load_photo_folder
 from mos.client.trainer import train_concept
 from mos.common.base import build_tiny
 from mos.common.config import TrainConfig
 from mos.common.package import FORMAT_VERSION, ConceptPackage, PackageError
 from mos.common.pipeline import MixOfShowPipeline
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-from mos.common.tokenizer import build_tiny_tokenizer, default_words
 from transformers import CLIPTokenizer
+
+from mos.common.tokenizer import build_tiny_tokenizer, default_words
 
 REQUIRED = [
     "backpack",

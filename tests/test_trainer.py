@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from mos.client.data import load_photo_folder
 from mos.client.trainer import attention_regularisation, denoising_loss, masked_mse, train_concept
 from mos.common.base import build_tiny
