@@ -27,7 +27,11 @@ class ConceptError(ValueError):
 
 
 def parse_concept_name(text: str) -> str:
-    """``'<dog1>'`` or ``'dog1'`` -> ``'dog1'``; letters, digits, ``_`` and ``-`` only."""
+    """``'<Dog1>'`` or ``'dog1'`` -> ``'dog1'``; letters, digits, ``_`` and ``-`` only.
+
+    Names are case-insensitive and kept in lower case: CLIP's tokenizer lowercases prompts
+    (and the tokens added to it), so ``<Dog1>`` and ``<dog1>`` could never be told apart.
+    """
     raw = text.strip()
     name = raw[1:-1] if raw.startswith("<") and raw.endswith(">") else raw
     if not NAME_RE.match(name):
@@ -35,7 +39,7 @@ def parse_concept_name(text: str) -> str:
             f"concept name {text!r} is not allowed: use 1-64 letters, digits, '_' or '-' "
             "(optionally in angle brackets, e.g. '<dog1>')"
         )
-    return name
+    return name.lower()
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class Concept:
     num_layers: int = 1
 
     def __post_init__(self) -> None:
-        parse_concept_name(self.name)
+        if parse_concept_name(self.name) != self.name:
+            raise ConceptError(f"concept name {self.name!r} must be lower case")
         if self.method not in METHODS:
             raise ConceptError(f"method must be one of {METHODS}, not {self.method!r}")
         if self.num_layers < 1:
@@ -97,6 +102,13 @@ class ConceptTable:
     def add(self, concept: Concept) -> None:
         if concept.name in self._concepts:
             raise ConceptError(f"concept {concept.token} is already in the model")
+        names = {concept.token, *concept.words}
+        for other in self:
+            clash = names & {other.token, *other.words}
+            if clash:
+                raise ConceptError(
+                    f"concept {concept.token} clashes with {other.token} (both use {sorted(clash)[0]})"
+                )
         self._concepts[concept.name] = concept
 
     def __iter__(self):
@@ -120,9 +132,9 @@ class ConceptTable:
         text = prompt
         for c in self:
             if c.layerwise:
-                text = text.replace(c.token, c.phrase())
+                text = _replace(text, c.token, c.phrase())
         for match in re.findall(r"<[^<>\s]+>", text):
-            if not any(match in c.words for c in self):
+            if not any(match.lower() in c.words for c in self):
                 known = ", ".join(self.known_tokens()) or "none"
                 raise ConceptError(f"unknown concept token {match} in prompt; known: {known}")
         layered = []
@@ -131,9 +143,14 @@ class ConceptTable:
             for c in self:
                 if c.layerwise:
                     for w, word in enumerate(c.words):
-                        s = s.replace(word, c.layer_token(w, layer))
+                        s = _replace(s, word, c.layer_token(w, layer))
             layered.append(s)
         return layered
+
+
+def _replace(text: str, token: str, new: str) -> str:
+    """Replace ``token`` in ``text`` ignoring case (CLIP lowercases prompts anyway)."""
+    return re.sub(re.escape(token), lambda _: new, text, flags=re.IGNORECASE)
 
 
 def encode_prompts(

@@ -35,8 +35,11 @@ def add_concept_tokens(base: BaseModel, concept: Concept) -> list[int]:
         raise ConceptError(f"could not add all tokens of {concept.token} to the tokenizer")
     with torch.random.fork_rng(devices=[]):  # resizing draws random rows; keep global RNG as is
         base.text_encoder.resize_token_embeddings(len(base.tokenizer), mean_resizing=False)
-    ids = base.tokenizer.convert_tokens_to_ids(tokens)
-    return list(ids)
+    ids = list(base.tokenizer.convert_tokens_to_ids(tokens))
+    first_new = len(base.tokenizer) - len(tokens)
+    if len(set(ids)) != len(ids) or min(ids) < first_new:
+        raise ConceptError(f"the tokenizer did not give {concept.token} fresh token ids")
+    return ids
 
 
 def class_word_id(base: BaseModel, class_word: str) -> int:

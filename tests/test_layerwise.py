@@ -85,6 +85,10 @@ def test_prompt_expansion_and_names():
         and ConceptTable([lora]).expand("a <cat2>", 4) == ["a <cat2>"] * 4
     )
     assert parse_concept_name("<dog1>") == parse_concept_name("dog1") == "dog1"
+    with pytest.raises(ConceptError, match="already"):
+        table.add(Concept("dog1", "cat", "lora", 1))
+    with pytest.raises(ConceptError, match="clashes with <dog1>"):
+        table.add(Concept("dog1_1", "dog", "lora", 1))  # its token is <dog1>'s first word
     for bad in ("../x", "/etc/passwd", "a b", "dog\x00", "x" * 65, "", "<>", "dög"):
         with pytest.raises(ConceptError):
             parse_concept_name(bad)
@@ -129,3 +133,22 @@ def test_pipeline_checks_its_inputs(tiny):
         pipe("a dog", height=31)
     with pytest.raises(ConceptError, match="unknown concept"):
         pipe("a <dog9>")
+
+
+def test_concept_names_are_case_insensitive(tiny):
+    name = parse_concept_name("<Dog1>")
+    assert name == "dog1"
+    with pytest.raises(ConceptError, match="lower case"):
+        Concept("Dog1", "dog", "edlora", 2)
+    concept, emb = _attach(tiny, name)
+    ids = tiny.tokenizer.convert_tokens_to_ids(concept.all_tokens())
+    weight = tiny.text_encoder.get_input_embeddings().weight
+    assert torch.equal(weight[ids], emb.reshape(len(ids), -1))
+    table = ConceptTable([concept])
+    L = tiny.num_cross_attention_layers
+    upper = encode_prompts(tiny.text_encoder, tiny.tokenizer, ["a photo of a <DOG1>"], table, L)
+    lower = encode_prompts(tiny.text_encoder, tiny.tokenizer, ["a photo of a <dog1>"], table, L)
+    assert torch.equal(upper, lower)
+    # each layer's copy holds that layer's tokens, not the unknown-token id
+    ids_l3 = tiny.tokenizer(table.expand("a <dog1>", L)[3]).input_ids
+    assert concept.all_tokens()[3] in tiny.tokenizer.convert_ids_to_tokens(ids_l3)
