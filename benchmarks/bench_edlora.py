@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import resource
@@ -85,6 +86,17 @@ def sd15_base():
     )
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """Train one method and measure it (runs inside the child process)."""
     from mos.client.data import load_photo_folder
@@ -131,7 +143,7 @@ def run_one(args: argparse.Namespace) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         peak_kind = "process max RSS"
-        name = platform.processor() or platform.machine()
+        name = _cpu_name()
     return {
         "method": args.method_only,
         "model": args.model,
