@@ -29,15 +29,10 @@ import torch
 
 def sd15_base():
     """A base model with SD 1.5's shapes and random weights (our tokenizer, CLIP-L widths)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        DPMSolverMultistepScheduler,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mos.common.base import SD_SCHEDULER_CONFIG, BaseModel
+    from mos.common.base import BaseModel
     from mos.common.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
@@ -73,17 +68,7 @@ def sd15_base():
             pad_token_id=tok.pad_token_id,
         )
     )
-    for m in (unet, vae, te):
-        m.eval().requires_grad_(False)
-    return BaseModel(
-        tokenizer=tok,
-        text_encoder=te,
-        unet=unet,
-        vae=vae,
-        noise_scheduler=DDPMScheduler.from_config(SD_SCHEDULER_CONFIG),
-        scheduler=DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG),
-        source="sd15-shaped random weights",
-    )
+    return BaseModel.from_components(tok, te, unet, vae, "sd15-shaped random weights")
 
 
 def _cpu_name() -> str:

@@ -128,16 +128,38 @@ class BaseModel:
         pipe.save_pretrained(str(path), safe_serialization=True)
 
     @classmethod
-    def from_pipeline(cls, pipe: StableDiffusionPipeline, source: str) -> BaseModel:
-        sched_config = dict(pipe.scheduler.config)
+    def from_components(
+        cls,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        source: str,
+        scheduler_config: dict | None = None,
+    ) -> BaseModel:
+        """Freeze the components and add SD 1.x's training and sampling schedulers."""
+        for module in (unet, vae, text_encoder):
+            module.eval().requires_grad_(False)
+        config = dict(scheduler_config or SD_SCHEDULER_CONFIG)
         return cls(
-            tokenizer=pipe.tokenizer,
-            text_encoder=pipe.text_encoder,
-            unet=pipe.unet,
-            vae=pipe.vae,
-            noise_scheduler=DDPMScheduler.from_config(sched_config),
-            scheduler=DPMSolverMultistepScheduler.from_config(sched_config),
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            unet=unet,
+            vae=vae,
+            noise_scheduler=DDPMScheduler.from_config(config),
+            scheduler=DPMSolverMultistepScheduler.from_config(config),
             source=source,
+        )
+
+    @classmethod
+    def from_pipeline(cls, pipe: StableDiffusionPipeline, source: str) -> BaseModel:
+        return cls.from_components(
+            pipe.tokenizer,
+            pipe.text_encoder,
+            pipe.unet,
+            pipe.vae,
+            source,
+            dict(pipe.scheduler.config),
         )
 
 
@@ -209,17 +231,8 @@ def build_tiny(seed: int = 0) -> BaseModel:
             **configs["text_encoder"],
         )
         text_encoder = CLIPTextModel(text_config)
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return BaseModel(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=unet,
-        vae=vae,
-        noise_scheduler=DDPMScheduler.from_config(SD_SCHEDULER_CONFIG),
-        scheduler=DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG),
-        source=TINY if seed == 0 else f"{TINY}:{seed}",
-    )
+    source = TINY if seed == 0 else f"{TINY}:{seed}"
+    return BaseModel.from_components(tokenizer, text_encoder, unet, vae, source)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -273,8 +286,6 @@ def load_base_model(
 
 
 def _finish(pipe: StableDiffusionPipeline, source: str) -> BaseModel:
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval().requires_grad_(False)
     base = BaseModel.from_pipeline(pipe, source)
     log.info(
         "loaded base model %s (%d cross-attention layers, fingerprint %s)",

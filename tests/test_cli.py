@@ -149,3 +149,45 @@ def test_console_script_runs_from_an_unactivated_venv(photo_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stderr and ConceptPackage.load(tmp_path / "d.safetensors")
+
+
+def test_real_loading_paths_from_the_command_line(tiny, photo_dir, tmp_path, capsys, monkeypatch):
+    """A diffusers folder and a single-file checkpoint (with its config) as --base-model."""
+    from mos.common.single_file import save_single_file
+
+    tiny.save_pretrained(tmp_path / "sd")
+    ckpt = save_single_file(tiny, tmp_path / "sd.safetensors")
+    common = [
+        "--data",
+        str(photo_dir),
+        "--concept",
+        "dog1",
+        "--steps",
+        "1",
+        "--no-samples",
+        "--quiet",
+    ]
+    out1, out2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main([*common, "--base-model", str(tmp_path / "sd"), "--out", str(out1)]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--base-model",
+                str(ckpt),
+                "--base-config",
+                str(tmp_path / "sd"),
+                "--resolution",
+                "48",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
+    a, b = ConceptPackage.load(out1), ConceptPackage.load(out2)
+    assert a.base_fingerprint == b.base_fingerprint == tiny.fingerprint
+    assert b.training["resolution"] == 48
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main([*common, "--base-model", str(ckpt), "--out", str(tmp_path / "c.safetensors")])
+    assert code == 2 and "--base-config" in capsys.readouterr().err
