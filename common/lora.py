@@ -63,12 +63,9 @@ class LoRALinear(nn.Linear):
 
     def to_linear(self, merge: bool = False) -> nn.Linear:
         """A plain ``nn.Linear`` with the same base parameters (merged with the update if asked)."""
+        # built on the meta device: no throw-away initialisation, then given our parameters
         lin = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
         )
         lin.weight = self.weight
         lin.bias = self.bias
@@ -138,11 +135,6 @@ def remove_lora(model: nn.Module, merge: bool = False) -> int:
     for name, module in found:
         _set_submodule(model, name, module.to_linear(merge=merge))
     return len(found)
-
-
-def set_lora_scale(model: nn.Module, scale: float) -> None:
-    for _, module in lora_layers(model):
-        module.scale = float(scale)
 
 
 def lora_state_dict(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:

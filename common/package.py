@@ -140,7 +140,7 @@ class ConceptPackage:
             raise fail(f"metadata field {err} is missing") from err
         except (ValueError, TypeError, ConceptError) as err:
             raise fail(f"bad metadata: {err}") from err
-        if concept.token != meta["concept"] and meta["concept"] != concept.name:
+        if concept.token != meta["concept"]:
             raise fail(f"bad concept token {meta['concept']!r}")
         if words != concept.words:
             raise fail(f"words {words} do not match concept {concept.token} ({concept.words})")
