@@ -2,8 +2,9 @@
 
 CLIP's tokenizer is byte-level BPE with an end-of-word marker ``</w>``: its vocabulary is
 the 256 byte symbols, the same 256 with ``</w>``, then one entry per merge, then
-``<|startoftext|>`` and ``<|endoftext|>``. We learn the merges ourselves from a fixed word
-list (so every listed word, class words included, is ONE token) and hand vocabulary and
+``<|startoftext|>`` and ``<|endoftext|>``. We learn the merges ourselves (a small, deterministic
+BPE trainer; the ``tokenizers`` trainer breaks ties in hash order, which differs between
+processes, and so would the base fingerprint) from a fixed word list (so every listed word, class words included, is ONE token) and hand vocabulary and
 merges to ``transformers.CLIPTokenizer``. The result saves and loads like any CLIP
 tokenizer, so a tiny model folder is an ordinary diffusers folder.
 """
@@ -11,9 +12,9 @@ tokenizer, so a tiny model folder is an ordinary diffusers folder.
 from __future__ import annotations
 
 import functools
-import json
+import heapq
+from collections import Counter, defaultdict
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
 # Words every prompt template, class list and test uses. Class words of the DreamBooth
@@ -284,6 +285,60 @@ def default_words() -> list[str]:
     return list(dict.fromkeys(CLASS_WORDS + PROMPT_WORDS))
 
 
+def _merge_word(seq: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+            out.append(seq[i] + seq[i + 1])
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+def _pairs(seq: list[str]) -> Counter:
+    return Counter(zip(seq, seq[1:], strict=False))
+
+
+def train_bpe(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Byte-pair merges, most frequent pair first, ties broken by the pair itself.
+
+    Every word counts once; training runs until each word is a single symbol, so each
+    word of ``words`` tokenizes to one token. Deterministic (no hash order is involved):
+    the same words give the same merges in every process.
+    """
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    counts: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, seq in enumerate(seqs):
+        for pair, n in _pairs(seq).items():
+            counts[pair] += n
+            where[pair].add(i)
+    heap = [(-n, pair) for pair, n in counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while heap:
+        neg, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -neg or neg == 0:
+            continue  # a stale heap entry
+        merges.append(pair)
+        for i in sorted(where.pop(pair)):
+            old = seqs[i]
+            new = _merge_word(old, pair)
+            for p, n in _pairs(old).items():
+                counts[p] -= n
+                if p != pair:
+                    heapq.heappush(heap, (-counts[p], p))
+            for p, n in _pairs(new).items():
+                counts[p] += n
+                where[p].add(i)
+                heapq.heappush(heap, (-counts[p], p))
+            seqs[i] = new
+        counts.pop(pair, None)
+    return merges
+
+
 @functools.lru_cache(maxsize=4)
 def learn_clip_bpe(words: tuple[str, ...]) -> tuple[dict[str, int], tuple[str, ...]]:
     """Learn BPE merges so that each word of ``words`` becomes one token.
@@ -291,20 +346,7 @@ def learn_clip_bpe(words: tuple[str, ...]) -> tuple[dict[str, int], tuple[str, .
     Returns CLIP's ``(vocab, merges)``. Deterministic: the same words give the same files.
     """
     byte_chars = list(_bytes_to_unicode().values())
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000,  # never the limit: training ends when every word is one token
-        min_frequency=1,
-        show_progress=False,
-        end_of_word_suffix="</w>",
-        initial_alphabet=[],
-        special_tokens=[],
-    )
-    bpe.train_from_iterator([" ".join(w.lower() for w in words)], trainer=trainer)
-    learned = json.loads(bpe.to_str())["model"]["merges"]
-    merges = tuple(m if isinstance(m, str) else " ".join(m) for m in learned)
-
+    merges = tuple(f"{a} {b}" for a, b in train_bpe(tuple(w.lower() for w in words)))
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
     seen = set(vocab_list)
     kept = []

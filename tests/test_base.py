@@ -90,3 +90,22 @@ def test_bad_specs_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(BaseModelError, match="integer seed"):
         load_base_model("tiny:abc")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_fingerprint_is_the_same_in_every_process():
+    """The tiny model and its tokenizer must not depend on hash order (PYTHONHASHSEED)."""
+    import subprocess
+    import sys
+
+    code = "from mos.common.base import build_tiny; print(build_tiny().fingerprint)"
+    prints = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert len(prints) == 1 and build_tiny().fingerprint in prints
