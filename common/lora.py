@@ -61,6 +61,32 @@ class LoRALinear(nn.Linear):
         """``scale * B @ A``, the update this adapter adds to ``weight``."""
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)
 
+    def set_factors(self, up: torch.Tensor | None, down: torch.Tensor | None) -> None:
+        """Make the adapter ``up @ down`` (any rank), or switch it off with ``None``."""
+        if up is None or down is None:
+            self.scale = 0.0
+            return
+        if (
+            up.shape[0] != self.out_features
+            or down.shape[1] != self.in_features
+            or up.shape[1] != down.shape[0]
+        ):
+            raise ValueError(
+                f"factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit a "
+                f"{self.in_features}->{self.out_features} layer"
+            )
+        dev, dt = self.weight.device, self.lora_A.weight.dtype
+        if self.lora_A.weight.shape != down.shape:
+            rank = down.shape[0]
+            self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
+            self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
+            self.lora_A.requires_grad_(False)
+            self.lora_B.requires_grad_(False)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(down)
+            self.lora_B.weight.copy_(up)
+        self.scale = 1.0
+
     def to_linear(self, merge: bool = False) -> nn.Linear:
         """A plain ``nn.Linear`` with the same base parameters (merged with the update if asked)."""
         # built on the meta device: no throw-away initialisation, then given our parameters

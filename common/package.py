@@ -16,10 +16,7 @@ validates against the base it will be attached to.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from safetensors.torch import save_file
 
 from .base import BaseModel
 from .concepts import Concept, ConceptError
+from .files import atomic_write
 from .lora import inject_lora, load_lora_state_dict, target_linear_names
 
 FORMAT = "mix-of-show/concept"
@@ -76,19 +74,8 @@ class ConceptPackage:
 
     def save(self, path: str | Path) -> Path:
         """Write the package atomically; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata=self.metadata())
-            os.chmod(tmp, 0o644 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        tensors, meta = self.tensors(), self.metadata()
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path, max_bytes: int = MAX_PACKAGE_BYTES) -> ConceptPackage:
@@ -254,9 +241,3 @@ def attach_package(base: BaseModel, package: ConceptPackage, concepts) -> None:
         inject_lora(model, targets, rank=package.rank)
         load_lora_state_dict(model, package.lora, prefix)
     concepts.add(package.concept)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -130,6 +130,8 @@ class MixOfShowPipeline:
                     eps = eps_u + guidance_scale * (eps_c - eps_u)
                 latents = scheduler.step(eps, t, latents).prev_sample
 
+        if output_type == "latent":
+            return latents
         images = b.vae.decode(latents / b.vae.config.scaling_factor).sample
         images = (images / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":

@@ -1,0 +1,199 @@
+"""Fused models: the compact form the federation sends, and a diffusers folder.
+
+Compact form (``fused.safetensors``): the base fingerprint, every concept's embeddings, and
+for each LoRA-target layer the fused update as an exact factorisation
+``<key>.lora_B.weight`` ``[out, R]`` @ ``<key>.lora_A.weight`` ``[R, in]`` with
+``R = sum of the concept ranks`` (no truncation). ``FusedModel.attach(base)`` loads it onto
+the base it was made for.
+
+Folder form (``mos-fuse --out DIR``): an ordinary diffusers Stable Diffusion folder with the
+update merged into the weights and every concept token in the tokenizer, plus
+``concepts.json`` (the concept table), ``fused.safetensors`` and the fusion report.
+``load_fused_folder(DIR)`` returns the model and its concept table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..common.base import BaseModel, load_base_model
+from ..common.concepts import Concept, ConceptTable
+from ..common.edlora import add_concept_tokens, write_embeddings
+from ..common.files import atomic_write
+from ..common.lora import inject_lora, remove_lora
+from ..common.package import ConceptPackage, PackageError
+
+FUSED_FORMAT = "mix-of-show/fused"
+FUSED_VERSION = 1
+CONCEPTS_FILE = "concepts.json"
+COMPACT_FILE = "fused.safetensors"
+
+
+def _concept_dict(c: Concept) -> dict:
+    return {
+        "token": c.token,
+        "name": c.name,
+        "class_word": c.class_word,
+        "method": c.method,
+        "num_layers": c.num_layers,
+        "words": c.words,
+        "tokens": c.all_tokens(),
+    }
+
+
+def _concept_from(d: dict) -> Concept:
+    return Concept(d["name"], d["class_word"], d["method"], int(d["num_layers"]))
+
+
+@dataclass
+class FusedModel:
+    strategy: str
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    concepts: list[Concept]
+    embeddings: dict[str, torch.Tensor]
+    base_fingerprint: str
+    base_source: str = ""
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_packages(
+        cls,
+        strategy: str,
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        packages: list[ConceptPackage],
+        sources: dict[str, str] | None = None,
+    ) -> FusedModel:
+        first = packages[0]
+        return cls(
+            strategy=strategy,
+            factors=factors,
+            concepts=[p.concept for p in packages],
+            embeddings={p.concept.name: p.embeddings for p in packages},
+            base_fingerprint=first.base_fingerprint,
+            base_source=first.base_source,
+            sources=dict(sources or {}),
+        )
+
+    def table_json(self) -> dict:
+        return {
+            "format": FUSED_FORMAT,
+            "format_version": FUSED_VERSION,
+            "strategy": self.strategy,
+            "base_fingerprint": self.base_fingerprint,
+            "base_source": self.base_source,
+            "concepts": [
+                {**_concept_dict(c), "source": self.sources.get(c.name, "")} for c in self.concepts
+            ],
+        }
+
+    def save_compact(self, path: str | Path) -> Path:
+        """Write the compact form atomically (fp32 factors and embeddings)."""
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for key, (up, down) in self.factors.items():
+            tensors[f"{key}.lora_B.weight"] = up.detach().float().cpu().contiguous()
+            tensors[f"{key}.lora_A.weight"] = down.detach().float().cpu().contiguous()
+        for name, emb in self.embeddings.items():
+            tensors[f"embeddings.{name}"] = emb.detach().float().cpu().contiguous()
+        meta = {
+            "format": FUSED_FORMAT,
+            "format_version": str(FUSED_VERSION),
+            "table": json.dumps(self.table_json()),
+        }
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return path
+
+    @classmethod
+    def load_compact(cls, path: str | Path) -> FusedModel:
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as err:
+            raise PackageError(f"{path}: not a readable fused model ({err})") from err
+        if meta.get("format") != FUSED_FORMAT or meta.get("format_version") != str(FUSED_VERSION):
+            raise PackageError(f"{path}: not a version-{FUSED_VERSION} fused model")
+        table = json.loads(meta["table"])
+        for key, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise PackageError(f"{path}: tensor {key} has NaN or infinite values")
+        concepts = [_concept_from(d) for d in table["concepts"]]
+        factors = {}
+        for key in tensors:
+            if key.endswith(".lora_A.weight"):
+                layer = key[: -len(".lora_A.weight")]
+                factors[layer] = (tensors[f"{layer}.lora_B.weight"], tensors[key])
+        return cls(
+            strategy=table["strategy"],
+            factors=factors,
+            concepts=concepts,
+            embeddings={c.name: tensors[f"embeddings.{c.name}"] for c in concepts},
+            base_fingerprint=table["base_fingerprint"],
+            base_source=table.get("base_source", ""),
+            sources={d["name"]: d.get("source", "") for d in table["concepts"]},
+        )
+
+    def attach(self, base: BaseModel) -> ConceptTable:
+        """Put the concepts and the fused update (as LoRA adapters) on ``base``."""
+        if base.fingerprint != self.base_fingerprint:
+            raise PackageError(
+                f"this fused model was made for base {self.base_fingerprint[:12]} "
+                f"({self.base_source}); the given base is {base.fingerprint[:12]} ({base.source})"
+            )
+        table = ConceptTable()
+        for c in self.concepts:
+            add_concept_tokens(base, c)
+            write_embeddings(base, c, self.embeddings[c.name])
+            table.add(c)
+        for prefix, model, targets in base.lora_components():
+            for name, layer in inject_lora(model, targets, rank=1).items():
+                up, down = self.factors[f"{prefix}.{name}"]
+                layer.requires_grad_(False)
+                layer.set_factors(
+                    up.to(layer.weight.device).float(), down.to(layer.weight.device).float()
+                )
+        return table
+
+
+def merge_into(base: BaseModel) -> None:
+    """Fold every LoRA adapter of ``base`` into its weights (the adapters disappear)."""
+    with torch.no_grad():
+        for _, model, _ in base.lora_components():
+            remove_lora(model, merge=True)
+
+
+def save_fused_folder(base: BaseModel, fused: FusedModel, out_dir: str | Path) -> Path:
+    """Write the diffusers folder of ``base`` carrying ``fused`` (adapters merged)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merge_into(base)
+    base.save_pretrained(out_dir)
+    fused.save_compact(out_dir / COMPACT_FILE)
+    atomic_write(
+        out_dir / CONCEPTS_FILE,
+        lambda tmp: Path(tmp).write_text(json.dumps(fused.table_json(), indent=2)),
+    )
+    return out_dir
+
+
+def load_fused_folder(folder: str | Path) -> tuple[BaseModel, ConceptTable]:
+    """A fused folder's model (weights already fused) and its concept table."""
+    folder = Path(folder)
+    table_path = folder / CONCEPTS_FILE
+    if not table_path.is_file():
+        raise PackageError(f"{folder}: no {CONCEPTS_FILE}; not a fused model folder")
+    data = json.loads(table_path.read_text())
+    base = load_base_model(folder)
+    table = ConceptTable(_concept_from(d) for d in data["concepts"])
+    vocab = base.tokenizer.get_vocab()
+    missing = [t for c in table for t in c.all_tokens() if t not in vocab]
+    if missing:
+        raise PackageError(f"{folder}: the tokenizer lacks concept tokens {missing[:3]}")
+    return base, table

@@ -1,0 +1,401 @@
+"""Gradient fusion of concept packages into one model (METHOD.md section 2).
+
+Stages, in the paper's order (each later stage sees the already fused earlier ones):
+
+1. token embeddings: every concept's tokens and layer-wise embeddings are appended;
+2. text encoder: for each concept, base text encoder + its LoRA on "photo of a TOK" and
+   "TOK" (every layer-wise copy); the Gram matrix of every LoRA layer's input is recorded;
+3. cross-attention keys/values: the (fused) text encoder's outputs at the concept's token
+   positions, copy ``l`` for layer ``l``;
+4. UNet spatial layers (attn1 q/k/v/out, attn2 q/out): each concept's model samples
+   "photo of a TOK" (DPM-Solver, ``steps`` steps, no guidance) and every step's inputs are
+   recorded.
+
+Each stage is solved per layer with ``solve.fused_factors`` (exact, from Grams) or
+``solve.lbfgs_reference`` (the authors' solver, on raw features). Layers whose inputs are the
+same tensor share one Gram matrix (q/k/v of self-attention; k/v of cross-attention).
+
+Modes. ``sequential`` is the paper's: stages 3 and 4 run the concept's model with the fused
+earlier stages, so their statistics depend on the whole set of concepts. ``independent``
+records every statistic on the concept's own single-concept model: statistics are then
+per-concept facts, kept, and adding or removing a concept only records (or drops) that one
+concept's statistics before re-solving — exactly equal to fusing from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel as _Model
+from pydantic import ConfigDict, Field
+from tqdm.auto import tqdm
+
+from ..common.attention import cross_attention_layers
+from ..common.base import BaseModel
+from ..common.concepts import ConceptTable, encode_prompts, tokenize
+from ..common.edlora import add_concept_tokens, write_embeddings
+from ..common.lora import UNET_TARGETS, LoRALinear, inject_lora, target_linear_names
+from ..common.package import ConceptPackage, PackageError
+from ..common.pipeline import MixOfShowPipeline
+from .recorder import GramRecorder
+from .solve import (
+    DEFAULT_RIDGE,
+    fused_factors,
+    lbfgs_reference,
+    objective,
+    weight_fusion_factors,
+)
+
+log = logging.getLogger(__name__)
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # target key -> (up, down)
+PARTS = ("text", "kv", "spatial")
+
+
+class FusionConfig(_Model):
+    """Settings of one fusion; defaults are the paper's (METHOD.md section 2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["sequential", "independent"] = "sequential"
+    solver: Literal["exact", "lbfgs"] = "exact"
+    steps: int = Field(20, ge=1, le=1000, description="sampling steps recorded in stage 4")
+    resolution: int | None = Field(None, ge=8, description="stage-4 sampling size (None: native)")
+    samples: int = Field(2, ge=1, le=64, description="images sampled per concept in stage 4")
+    seed: int = Field(0, ge=0)
+    ridge: float = Field(DEFAULT_RIDGE, ge=0, description="relative ridge toward the base weights")
+    gram_dtype: Literal["float64", "float32"] = "float64"
+    lbfgs_iterations_text: int = Field(500, ge=1, description="reference: text encoder and k/v")
+    lbfgs_iterations_unet: int = Field(50, ge=1, description="reference: UNet spatial layers")
+    kv_positions: Literal["concept", "concept+eos", "all"] = Field(
+        "all",
+        description="stage-3 features: the concept's token positions (METHOD.md), those and "
+        "the end token (the reference code), or every position of the concept prompts",
+    )
+    text_prompts: tuple[str, ...] = ("photo of a {}", "{}")
+    sample_prompt: str = "photo of a {}"
+
+
+@dataclass
+class Group:
+    """Target layers that read the same input tensor, and the module whose input is recorded."""
+
+    key: str
+    part: str
+    hook: torch.nn.Module
+    targets: list[str]
+
+
+@dataclass
+class FusionResult:
+    strategy: str
+    factors: Factors
+    timings: dict[str, float] = field(default_factory=dict)
+    objective: dict[str, float] = field(default_factory=dict)
+
+
+def kv_positions(
+    ids: torch.Tensor, concept_ids: torch.Tensor, eos_id: int, which: str
+) -> torch.Tensor:
+    """Boolean ``[prompts, tokens]`` mask of the stage-3 feature positions (see FusionConfig)."""
+    if which == "all":
+        return torch.ones_like(ids, dtype=torch.bool)
+    mask = torch.isin(ids, concept_ids)
+    if which == "concept+eos":
+        is_eos = ids == eos_id
+        first_eos = is_eos & (is_eos.cumsum(dim=1) == 1)
+        mask |= first_eos
+    return mask
+
+
+def _role(leaf: str, parent: str) -> str:
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return "qkv"
+    if leaf in ("out_proj", "to_out.0"):
+        return "out"
+    if parent.endswith("attn1"):
+        return "qkv"
+    return "q" if leaf == "to_q" else "kv"
+
+
+class FusionEngine:
+    """Holds a base with every concept attached and fuses them (see module docstring).
+
+    The base is modified: all concepts' tokens are added and every LoRA-target linear
+    becomes a ``LoRALinear`` whose factors are switched between concepts and fused results.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        packages: Sequence[ConceptPackage],
+        config: FusionConfig | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> None:
+        self.base = base
+        self.config = config or FusionConfig()
+        self.table = ConceptTable()
+        self.packages: dict[str, ConceptPackage] = {}
+        self.sources: dict[str, str] = {}
+        self.num_layers = base.num_cross_attention_layers
+        self.layers: dict[str, LoRALinear] = {}
+        self.part_of: dict[str, str] = {}
+        kv_names = {
+            f"{n}.{t}" for n, _ in cross_attention_layers(base.unet) for t in ("to_k", "to_v")
+        }
+        for prefix, model, targets in base.lora_components():
+            for name, layer in inject_lora(model, targets, rank=1).items():
+                key = f"{prefix}.{name}"
+                layer.requires_grad_(False)
+                layer.scale = 0.0
+                self.layers[key] = layer
+                if targets != UNET_TARGETS:
+                    self.part_of[key] = "text"
+                else:
+                    self.part_of[key] = "kv" if name in kv_names else "spatial"
+        self.groups = self._groups()
+        self._stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # concept -> part -> grams
+        self._raw: dict[str, dict[str, list[torch.Tensor]]] = {}
+        for i, pkg in enumerate(packages):
+            self.add(pkg, (sources or [None] * len(packages))[i])
+
+    # --- concepts ---------------------------------------------------------------------
+    def add(self, package: ConceptPackage, source: str | None = None) -> None:
+        """Attach a concept: check it against the base, add its tokens and embeddings."""
+        name = package.concept.name
+        source = source or package.concept.token
+        if name in self.packages:
+            raise PackageError(
+                f"{source}: concept {package.concept.token} is already taken by {self.sources[name]}"
+            )
+        package.check_against(self.base)
+        vocab = self.base.tokenizer.get_vocab()
+        if not all(t in vocab for t in package.concept.all_tokens()):
+            add_concept_tokens(self.base, package.concept)
+        write_embeddings(self.base, package.concept, package.embeddings)
+        if name not in self.table:
+            self.table.add(package.concept)
+        self.packages[name] = package
+        self.sources[name] = source
+
+    def remove(self, name: str) -> None:
+        """Forget a concept and its statistics (its tokens stay in the tokenizer, unused)."""
+        self.packages.pop(name)
+        self.sources.pop(name)
+        self._stats.pop(name, None)
+        self._raw.pop(name, None)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.packages)
+
+    # --- model states -----------------------------------------------------------------
+    def concept_factors(self, name: str) -> Factors:
+        lora = self.packages[name].lora
+        device = self.base.device
+        return {
+            key: (
+                lora[f"{key}.lora_B.weight"].to(device, torch.float32),
+                lora[f"{key}.lora_A.weight"].to(device, torch.float32),
+            )
+            for key in self.layers
+        }
+
+    def apply(self, factors: Factors | None, parts: Sequence[str] = PARTS) -> None:
+        """Set the adapters of ``parts`` to ``factors`` (``None``: the plain base there)."""
+        for key, layer in self.layers.items():
+            if self.part_of[key] in parts:
+                if factors is None:
+                    layer.set_factors(None, None)
+                else:
+                    up, down = factors[key]
+                    layer.set_factors(up.float(), down.float())
+
+    def _groups(self) -> dict[str, Group]:
+        groups: dict[str, Group] = {}
+        for prefix, model, targets in self.base.lora_components():
+            for name in target_linear_names(model, targets):
+                leaf = next(t for t in targets if name == t or name.endswith("." + t))
+                parent = name[: -len(leaf) - 1]
+                key = f"{prefix}.{parent}.{_role(leaf, parent)}"
+                target = f"{prefix}.{name}"
+                if key not in groups:
+                    groups[key] = Group(key, self.part_of[target], model.get_submodule(name), [])
+                groups[key].targets.append(target)
+        return groups
+
+    def _recorder(self, part: str) -> GramRecorder:
+        dtype = torch.float64 if self.config.gram_dtype == "float64" else torch.float32
+        hooks = {k: g.hook for k, g in self.groups.items() if g.part == part}
+        return GramRecorder(hooks, dtype=dtype, keep_raw=self.config.solver == "lbfgs")
+
+    # --- recording --------------------------------------------------------------------
+    def _prompts(self, name: str) -> list[str]:
+        token = self.packages[name].concept.token
+        return [p.format(token) for p in self.config.text_prompts]
+
+    @torch.no_grad()
+    def record_text(self, name: str) -> GramRecorder:
+        """Stage 2 statistics of one concept: its own text encoder on its prompts."""
+        self.apply(self.concept_factors(name), ("text",))
+        with self._recorder("text") as rec:
+            encode_prompts(
+                self.base.text_encoder,
+                self.base.tokenizer,
+                self._prompts(name),
+                self.table,
+                self.num_layers,
+            )
+        return rec
+
+    @torch.no_grad()
+    def record_kv(self, name: str, text: Factors | None) -> GramRecorder:
+        """Stage 3: text-encoder outputs at the concept's token positions, per layer copy."""
+        self.apply(text if text is not None else self.concept_factors(name), ("text",))
+        concept = self.packages[name].concept
+        prompts = self._prompts(name)
+        hidden = encode_prompts(
+            self.base.text_encoder, self.base.tokenizer, prompts, self.table, self.num_layers
+        )
+        ids = tokenize(
+            self.base.tokenizer, [self.table.expand(p, self.num_layers)[0] for p in prompts]
+        )
+        concept_ids = torch.tensor(self.base.tokenizer.convert_tokens_to_ids(concept.all_tokens()))
+        positions = kv_positions(
+            ids, concept_ids, self.base.tokenizer.eos_token_id, self.config.kv_positions
+        )
+        positions = positions.to(hidden.device)  # [P, 77]
+        rec = self._recorder("kv")
+        for layer, (attn_name, _) in enumerate(cross_attention_layers(self.base.unet)):
+            rec.add(f"unet.{attn_name}.kv", hidden[:, layer][positions])
+        return rec
+
+    @torch.no_grad()
+    def record_spatial(self, name: str, text: Factors | None, kv: Factors | None) -> GramRecorder:
+        """Stage 4: sample with the concept's model and record every step's inputs."""
+        own = self.concept_factors(name)
+        self.apply(text if text is not None else own, ("text",))
+        self.apply(kv if kv is not None else own, ("kv",))
+        self.apply(own, ("spatial",))
+        pipe = MixOfShowPipeline(self.base, self.table)
+        token = self.packages[name].concept.token
+        size = self.config.resolution or self.base.default_resolution
+        with self._recorder("spatial") as rec:
+            pipe(
+                self.config.sample_prompt.format(token),
+                num_inference_steps=self.config.steps,
+                guidance_scale=1.0,
+                height=size,
+                width=size,
+                num_images_per_prompt=self.config.samples,
+                generator=torch.Generator().manual_seed(self.config.seed),
+                output_type="latent",
+            )
+        return rec
+
+    def _keep(self, name: str, part: str, rec: GramRecorder) -> None:
+        self._stats.setdefault(name, {})[part] = rec.grams
+        if rec.keep_raw:
+            self._raw.setdefault(name, {}).update(rec.raw)
+
+    # --- solving ----------------------------------------------------------------------
+    def _solve_part(self, part: str, names: list[str], desc: str) -> tuple[Factors, float, float]:
+        """Solve every layer of ``part``; returns the factors, their objective and the
+        objective weight fusion would have on the same statistics."""
+        factors: Factors = {}
+        total_obj = baseline_obj = 0.0
+        concept_factors = [self.concept_factors(n) for n in names]
+        groups = [g for g in self.groups.values() if g.part == part]
+        for group in tqdm(groups, desc=desc, leave=False, disable=None):
+            grams = [self._stats[n][part][group.key] for n in names]
+            for target in group.targets:
+                ups = [cf[target][0] for cf in concept_factors]
+                downs = [cf[target][1] for cf in concept_factors]
+                if self.config.solver == "exact":
+                    up, down = fused_factors(grams, ups, downs, self.config.ridge)
+                else:
+                    iters = (
+                        self.config.lbfgs_iterations_unet
+                        if part == "spatial"
+                        else self.config.lbfgs_iterations_text
+                    )
+                    feats = [torch.cat(self._raw[n][group.key]) for n in names]
+                    delta = lbfgs_reference(feats, ups, downs, iters, device=self.base.device)
+                    up = delta.double()
+                    down = torch.eye(delta.shape[1], dtype=torch.float64, device=delta.device)
+                factors[target] = (up, down)
+                total_obj += objective(up, down, grams, ups, downs)
+                baseline_obj += objective(*weight_fusion_factors(ups, downs), grams, ups, downs)
+        return factors, total_obj, baseline_obj
+
+    def fuse(self, progress: bool = True) -> FusionResult:
+        """Gradient fusion of every attached concept (statistics reused where still valid)."""
+        names = self.names
+        if not names:
+            raise ValueError("no concepts to fuse")
+        independent = self.config.mode == "independent"
+        timings: dict[str, float] = {}
+        objectives: dict[str, float] = {}
+        factors: Factors = {}
+        bar = tqdm(total=3 * len(names), desc="recording", disable=None if progress else True)
+
+        def stage(part: str, record) -> None:
+            start = time.perf_counter()
+            for n in names:
+                reusable = part == "text" or independent
+                if not (reusable and part in self._stats.get(n, {})):
+                    self._keep(n, part, record(n))
+                bar.update(1)
+            part_factors, obj, baseline = self._solve_part(part, names, f"solving {part}")
+            factors.update(part_factors)
+            timings[part] = time.perf_counter() - start
+            objectives[part] = obj
+            objectives[f"{part} (weight fusion)"] = baseline
+            log.info(
+                "stage %s: %d concepts, %.2f s, objective %.4g",
+                part,
+                len(names),
+                timings[part],
+                obj,
+            )
+
+        try:
+            stage("text", self.record_text)
+            text = (
+                None
+                if independent
+                else {k: v for k, v in factors.items() if self.part_of[k] == "text"}
+            )
+            stage("kv", lambda n: self.record_kv(n, text))
+            kv = (
+                None
+                if independent
+                else {k: v for k, v in factors.items() if self.part_of[k] == "kv"}
+            )
+            stage("spatial", lambda n: self.record_spatial(n, text, kv))
+        finally:
+            bar.close()
+            if not independent:  # sequential statistics depend on the set of concepts
+                for n in names:
+                    for part in ("kv", "spatial"):
+                        self._stats.get(n, {}).pop(part, None)
+        return FusionResult("gradient-fusion", factors, timings, objectives)
+
+    def weight_fusion(self, weights: Sequence[float] | None = None) -> FusionResult:
+        """The baseline: ``W0 + sum_i w_i dW_i`` (``w_i = 1/n`` unless given)."""
+        start = time.perf_counter()
+        concept_factors = [self.concept_factors(n) for n in self.names]
+        factors = {
+            key: weight_fusion_factors(
+                [cf[key][0] for cf in concept_factors],
+                [cf[key][1] for cf in concept_factors],
+                weights,
+            )
+            for key in self.layers
+        }
+        return FusionResult("weight-fusion", factors, {"total": time.perf_counter() - start})

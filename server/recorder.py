@@ -1,0 +1,66 @@
+"""Feature capture for gradient fusion: Gram matrices accumulated in forward hooks.
+
+``GramRecorder`` owns its hooks (nothing module-level), registers them on entry and removes
+them in ``finally``. For each watched module it adds ``x^T x`` of the module's input to a
+``[d, d]`` Gram matrix on the module's device (fp64 by default), so memory is
+``O(sum of d^2)`` whatever the number of tokens, steps or concepts. With ``keep_raw`` it
+also keeps the raw inputs in host memory, as the reference implementation does; only the
+L-BFGS reference solver needs them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GramRecorder:
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        dtype: torch.dtype = torch.float64,
+        keep_raw: bool = False,
+    ) -> None:
+        self.modules = modules
+        self.dtype = dtype
+        self.keep_raw = keep_raw
+        self.grams: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.raw: dict[str, list[torch.Tensor]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        """Add rows ``x`` ``[..., d]`` to group ``key`` (also used without hooks)."""
+        with torch.no_grad():
+            x = x.detach().reshape(-1, x.shape[-1])
+            xd = x.to(self.dtype)
+            if key not in self.grams:
+                self.grams[key] = torch.zeros(
+                    x.shape[1], x.shape[1], dtype=self.dtype, device=x.device
+                )
+                self.rows[key] = 0
+            self.grams[key].addmm_(xd.T, xd)
+            self.rows[key] += x.shape[0]
+            if self.keep_raw:
+                self.raw.setdefault(key, []).append(x.float().cpu())
+
+    def __enter__(self) -> GramRecorder:
+        try:
+            for key, module in self.modules.items():
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        lambda _m, args, key=key: self.add(key, args[0])
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
