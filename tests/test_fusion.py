@@ -1,0 +1,235 @@
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mos.client.data import load_photo_folder
+from mos.client.trainer import train_concept
+from mos.common.base import build_tiny
+from mos.common.config import TrainConfig
+from mos.common.package import ConceptPackage
+from mos.common.pipeline import MixOfShowPipeline
+from mos.server.cli import main as fuse_main
+from mos.server.fused import FusedModel, load_fused_folder
+from mos.server.fusion import FusionConfig, FusionEngine
+from mos.server.recorder import GramRecorder
+from mos.server.report import _noise_predictions, fidelity
+from mos.server.solve import (
+    fused_factors,
+    gram,
+    lbfgs_reference,
+    objective,
+    objective_dense,
+    weight_fusion_factors,
+)
+
+# --- pure math ---------------------------------------------------------------------------
+
+
+def _problem(seed=0, n=3, d_in=10, d_out=7, r=2, rows=40):
+    g = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(d_out, r, generator=g) for _ in range(n)]
+    downs = [torch.randn(r, d_in, generator=g) for _ in range(n)]
+    xs = [torch.randn(rows, d_in, generator=g) for _ in range(n)]
+    return ups, downs, xs
+
+
+def test_exact_solve_equals_brute_force_least_squares():
+    ups, downs, xs = _problem()
+    up, down = fused_factors([gram(x) for x in xs], ups, downs, ridge=0.0)
+    assert up.shape[1] == down.shape[0] == sum(a.shape[0] for a in downs)  # rank <= sum r
+    stacked = torch.cat(xs).double()
+    targets = torch.cat(
+        [x.double() @ (b @ a).double().T for x, b, a in zip(xs, ups, downs, strict=True)]
+    )
+    brute = torch.linalg.lstsq(stacked, targets).solution.T
+    assert torch.allclose(up @ down, brute, atol=1e-9)
+
+
+def test_ridge_keeps_unvisited_directions_at_the_base():
+    ups, downs, xs = _problem(d_in=10, rows=40)
+    xs = [
+        torch.cat([x[:, :6], torch.zeros(x.shape[0], 4)], dim=1) for x in xs
+    ]  # last 4 dims never seen
+    up, down = fused_factors([gram(x) for x in xs], ups, downs)
+    delta = up @ down
+    assert delta[:, 6:].abs().max() < 1e-12
+    assert delta[:, :6].abs().max() > 0.1
+
+
+def test_streaming_gram_equals_batch_and_hooks_are_removed():
+    lin = torch.nn.Linear(5, 3)
+    xs = [torch.randn(4, 7, 5) for _ in range(6)]
+    with GramRecorder({"lin": lin}) as rec:
+        for x in xs:
+            lin(x)
+    assert not lin._forward_pre_hooks
+    assert rec.rows["lin"] == 6 * 4 * 7
+    assert torch.allclose(rec.grams["lin"], gram(torch.cat(xs)), atol=1e-10)
+    assert rec.grams["lin"].shape == (5, 5)  # memory: d^2, whatever the number of rows
+    with pytest.raises(RuntimeError), GramRecorder({"lin": lin}):
+        raise RuntimeError("boom")
+    assert not lin._forward_pre_hooks
+
+
+def test_lbfgs_reference_is_within_one_percent_of_the_exact_objective():
+    ups, downs, xs = _problem(seed=1, d_in=8, rows=200)
+    grams = [gram(x) for x in xs]
+    exact = objective(*fused_factors(grams, ups, downs, ridge=0.0), grams, ups, downs)
+    ref = objective_dense(
+        lbfgs_reference(xs, ups, downs, iterations=500).double(), grams, ups, downs
+    )
+    assert exact <= ref <= exact * 1.01
+
+
+def test_weight_fusion_formula():
+    ups, downs, _ = _problem()
+    up, down = weight_fusion_factors(ups, downs)
+    assert torch.allclose(
+        up @ down, sum((b @ a).double() for b, a in zip(ups, downs, strict=True)) / 3
+    )
+    up, down = weight_fusion_factors(ups, downs, [1.0, 0.0, 0.5])
+    want = (ups[0] @ downs[0] + 0.5 * ups[2] @ downs[2]).double()
+    assert torch.allclose(up @ down, want)
+
+
+# --- on tiny concept models ------------------------------------------------------------
+
+
+def _concept_photos(kind: int, folder: Path) -> Path:
+    """Three visibly different 'concepts': yellow discs, framed blue squares, red stripes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(kind)
+    for i in range(4):
+        img = Image.new("RGB", (48, 48), tuple(rng.randint(0, 255) for _ in range(3)))
+        d = ImageDraw.Draw(img)
+        x, y = rng.randint(4, 20), rng.randint(4, 20)
+        if kind == 0:
+            d.ellipse((x, y, x + 24, y + 24), fill=(255, 220, 0))
+        elif kind == 1:
+            d.rectangle((x, y, x + 24, y + 24), fill=(20, 20, 220))
+            d.rectangle((x + 8, y + 8, x + 16, y + 16), fill=(255, 255, 255))
+        else:
+            for k in range(0, 48, 8):
+                d.rectangle((k, 0, k + 3, 47), fill=(200, 0, 0))
+        img.save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def concept_files(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("concepts")
+    files = []
+    config = TrainConfig(steps=60, batch_size=4, lr_unet_lora=3e-3, lr_text_lora=1e-3)
+    for kind, (name, cls) in enumerate([("dog1", "dog"), ("cat2", "cat"), ("toy3", "toy")]):
+        photos = load_photo_folder(_concept_photos(kind, root / name))
+        result = train_concept(build_tiny(), photos, name, cls, config, progress=False)
+        files.append(result.package.save(root / f"{name}.safetensors"))
+    return files
+
+
+def _packages(files):
+    return [ConceptPackage.load(f) for f in files]
+
+
+def test_fusing_one_concept_reproduces_its_model(concept_files):
+    engine = FusionEngine(build_tiny(), _packages(concept_files[:1]))
+    result = engine.fuse(progress=False)
+    report = fidelity(engine, [result])
+    assert report["concepts"][0]["gradient-fusion"]["unet_drift"] < 1e-4  # ridge only
+    assert report["concepts"][0]["gradient-fusion"]["text_drift"] < 1e-4
+
+
+def test_gradient_fusion_keeps_concepts_better_than_weight_fusion(concept_files):
+    engine = FusionEngine(build_tiny(), _packages(concept_files))
+    gradient, weight = engine.fuse(progress=False), engine.weight_fusion()
+    report = fidelity(engine, [gradient, weight])
+    gf, wf = report["mean"]["gradient-fusion"], report["mean"]["weight-fusion"]
+    assert gf["unet_drift"] < 0.7 * wf["unet_drift"]
+    for stage in ("text", "kv", "spatial"):  # least squares: never worse on its own features
+        assert gradient.objective[stage] <= gradient.objective[f"{stage} (weight fusion)"]
+    assert report["prior_drift"]["gradient-fusion"] < report["prior_drift"]["weight-fusion"]
+
+
+def _close(a, b):
+    return a.keys() == b.keys() and all(
+        torch.allclose(a[k][0] @ a[k][1], b[k][0] @ b[k][1], atol=1e-8) for k in a
+    )
+
+
+def test_incremental_add_and_remove_equal_fusing_from_scratch(concept_files):
+    config = FusionConfig(mode="independent")
+    p = _packages(concept_files)
+    scratch3 = FusionEngine(build_tiny(), p, config).fuse(progress=False).factors
+    scratch2 = FusionEngine(build_tiny(), p[:2], config).fuse(progress=False).factors
+
+    engine = FusionEngine(build_tiny(), p[:2], config)
+    assert _close(engine.fuse(progress=False).factors, scratch2)
+    recorded = []
+    original = engine.record_spatial
+    engine.record_spatial = lambda n, *a: recorded.append(n) or original(n, *a)
+    engine.add(p[2])
+    assert _close(engine.fuse(progress=False).factors, scratch3)
+    assert recorded == ["toy3"]  # only the new concept was sampled
+    engine.remove("toy3")
+    assert _close(engine.fuse(progress=False).factors, scratch2)
+    assert recorded == ["toy3"]
+
+
+def test_compact_form_on_the_base_equals_the_fused_folder(concept_files, tmp_path):
+    out = tmp_path / "fused"
+    assert fuse_main(["--concepts", *map(str, concept_files), "--out", str(out), "--no-grid"]) == 0
+    for name in (
+        "concepts.json",
+        "fused.safetensors",
+        "fusion_report.json",
+        "fusion_report.md",
+        "model_index.json",
+    ):
+        assert (out / name).is_file()
+    folder_base, table = load_fused_folder(out)
+    assert [c.token for c in table] == ["<dog1>", "<cat2>", "<toy3>"]
+    compact = FusedModel.load_compact(out / "fused.safetensors")
+    ranks = {down.shape[0] for _, down in compact.factors.values()}
+    assert ranks == {12}  # exactly 3 x rank 4, no truncation
+    fresh = build_tiny()
+    compact_table = compact.attach(fresh)
+
+    def sample(base, tab):
+        return MixOfShowPipeline(base, tab)(
+            "a photo of a <dog1> and a <toy3>",
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        )
+
+    assert torch.allclose(sample(folder_base, table), sample(fresh, compact_table), atol=1e-4)
+    with pytest.raises(Exception, match="made for base"):
+        FusedModel.load_compact(out / "fused.safetensors").attach(build_tiny(seed=1))
+
+
+def test_mos_fuse_refuses_bad_packages_before_work(concept_files, tmp_path, capsys):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a package")
+    out = tmp_path / "out"
+    code = fuse_main(
+        ["--concepts", str(concept_files[0]), str(junk), str(concept_files[0]), "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "junk.safetensors" in err and "also in" in err
+    assert not out.exists()
+    code = fuse_main(
+        ["--concepts", str(concept_files[0]), "--base-model", "tiny:1", "--out", str(out)]
+    )
+    assert code == 2 and "another base model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_noise_predictions_depend_on_the_adapters(concept_files):
+    engine = FusionEngine(build_tiny(), _packages(concept_files[:1]))
+    engine.apply(None)
+    base = _noise_predictions(engine, ["photo of a <dog1>"], 1)
+    engine.apply(engine.concept_factors("dog1"))
+    assert not torch.allclose(base, _noise_predictions(engine, ["photo of a <dog1>"], 1))
