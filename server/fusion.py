@@ -45,9 +45,10 @@ from ..common.pipeline import MixOfShowPipeline
 from .recorder import GramRecorder
 from .solve import (
     DEFAULT_RIDGE,
-    fused_factors,
+    cross_term,
     lbfgs_reference,
-    objective,
+    objective_from_stats,
+    solve_downs,
     weight_fusion_factors,
 )
 
@@ -159,8 +160,10 @@ class FusionEngine:
                 else:
                     self.part_of[key] = "kv" if name in kv_names else "spatial"
         self.groups = self._groups()
-        self._stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # concept -> part -> grams
-        self._raw: dict[str, dict[str, list[torch.Tensor]]] = {}
+        # independent mode: each concept's Gram matrices, kept in host memory (concept -> part ->
+        # group -> G) so adding or removing a concept needs no re-recording
+        self._cache: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        self._raw: dict[str, dict[str, list[torch.Tensor]]] = {}  # L-BFGS only
         for i, pkg in enumerate(packages):
             self.add(pkg, (sources or [None] * len(packages))[i])
 
@@ -187,7 +190,7 @@ class FusionEngine:
         """Forget a concept and its statistics (its tokens stay in the tokenizer, unused)."""
         self.packages.pop(name)
         self.sources.pop(name)
-        self._stats.pop(name, None)
+        self._cache.pop(name, None)
         self._raw.pop(name, None)
 
     @property
@@ -298,26 +301,54 @@ class FusionEngine:
             )
         return rec
 
-    def _keep(self, name: str, part: str, rec: GramRecorder) -> None:
-        self._stats.setdefault(name, {})[part] = rec.grams
+    def _grams(self, name: str, part: str, record) -> dict[str, torch.Tensor]:
+        """One concept's Gram matrices for ``part``: recorded, or from the independent cache."""
+        cached = self._cache.get(name, {}).get(part)
+        if cached is not None:
+            return cached
+        rec = record(name)
         if rec.keep_raw:
             self._raw.setdefault(name, {}).update(rec.raw)
+        if self.config.mode == "independent":
+            self._cache.setdefault(name, {})[part] = {k: g.cpu() for k, g in rec.grams.items()}
+        return rec.grams
 
-    # --- solving ----------------------------------------------------------------------
-    def _solve_part(self, part: str, names: list[str], desc: str) -> tuple[Factors, float, float]:
-        """Solve every layer of ``part``; returns the factors, their objective and the
-        objective weight fusion would have on the same statistics."""
+    def _solve_part(self, part: str, names: list[str], record, bar) -> tuple[Factors, float, float]:
+        """Record (or reuse) every concept's statistics for ``part`` and solve each layer.
+
+        Statistics are streamed: each concept's Gram matrix is added to the running total
+        and reduced to ``C_i = A_i G_i`` per layer, then dropped, so device memory holds one
+        total per layer whatever the number of concepts. Returns the factors, their
+        objective, and the objective weight fusion would have on the same statistics.
+        """
+        groups = [g for g in self.groups.values() if g.part == part]
+        device = self.base.device
+        totals: dict[str, torch.Tensor] = {}
+        crosses: dict[str, list[torch.Tensor]] = {t: [] for g in groups for t in g.targets}
+        concept_factors = [self.concept_factors(n) for n in names]
+        for name, own in zip(names, concept_factors, strict=True):
+            grams = self._grams(name, part, record)
+            for group in groups:
+                g = grams[group.key].to(device)
+                if group.key in totals:
+                    totals[group.key] += g
+                else:
+                    totals[group.key] = g.clone()
+                for target in group.targets:
+                    crosses[target].append(cross_term(own[target][1], g))
+            del grams
+            bar.update(1)
         factors: Factors = {}
         total_obj = baseline_obj = 0.0
-        concept_factors = [self.concept_factors(n) for n in names]
-        groups = [g for g in self.groups.values() if g.part == part]
-        for group in tqdm(groups, desc=desc, leave=False, disable=None):
-            grams = [self._stats[n][part][group.key] for n in names]
+        for group in groups:
+            total = totals.pop(group.key)
             for target in group.targets:
                 ups = [cf[target][0] for cf in concept_factors]
                 downs = [cf[target][1] for cf in concept_factors]
                 if self.config.solver == "exact":
-                    up, down = fused_factors(grams, ups, downs, self.config.ridge)
+                    new_downs = solve_downs(total, crosses[target], self.config.ridge)
+                    up = torch.cat([b.to(total.dtype) for b in ups], dim=1)
+                    down = torch.cat(new_downs, dim=0)
                 else:
                     iters = (
                         self.config.lbfgs_iterations_unet
@@ -325,12 +356,13 @@ class FusionEngine:
                         else self.config.lbfgs_iterations_text
                     )
                     feats = [torch.cat(self._raw[n][group.key]) for n in names]
-                    delta = lbfgs_reference(feats, ups, downs, iters, device=self.base.device)
+                    delta = lbfgs_reference(feats, ups, downs, iters, device=device)
                     up = delta.double()
-                    down = torch.eye(delta.shape[1], dtype=torch.float64, device=delta.device)
+                    down = torch.eye(delta.shape[1], dtype=torch.float64, device=device)
                 factors[target] = (up, down)
-                total_obj += objective(up, down, grams, ups, downs)
-                baseline_obj += objective(*weight_fusion_factors(ups, downs), grams, ups, downs)
+                stats = (total, ups, downs, crosses[target])
+                total_obj += objective_from_stats(up, down, *stats)
+                baseline_obj += objective_from_stats(*weight_fusion_factors(ups, downs), *stats)
         return factors, total_obj, baseline_obj
 
     def fuse(self, progress: bool = True) -> FusionResult:
@@ -342,16 +374,11 @@ class FusionEngine:
         timings: dict[str, float] = {}
         objectives: dict[str, float] = {}
         factors: Factors = {}
-        bar = tqdm(total=3 * len(names), desc="recording", disable=None if progress else True)
+        bar = tqdm(total=3 * len(names), desc="fusing", disable=None if progress else True)
 
         def stage(part: str, record) -> None:
             start = time.perf_counter()
-            for n in names:
-                reusable = part == "text" or independent
-                if not (reusable and part in self._stats.get(n, {})):
-                    self._keep(n, part, record(n))
-                bar.update(1)
-            part_factors, obj, baseline = self._solve_part(part, names, f"solving {part}")
+            part_factors, obj, baseline = self._solve_part(part, names, record, bar)
             factors.update(part_factors)
             timings[part] = time.perf_counter() - start
             objectives[part] = obj
@@ -380,10 +407,8 @@ class FusionEngine:
             stage("spatial", lambda n: self.record_spatial(n, text, kv))
         finally:
             bar.close()
-            if not independent:  # sequential statistics depend on the set of concepts
-                for n in names:
-                    for part in ("kv", "spatial"):
-                        self._stats.get(n, {}).pop(part, None)
+            if not independent:
+                self._raw.clear()
         return FusionResult("gradient-fusion", factors, timings, objectives)
 
     def weight_fusion(self, weights: Sequence[float] | None = None) -> FusionResult:

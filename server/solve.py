@@ -40,25 +40,23 @@ def ridge_lambda(g: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> float:
     return ridge * scale if scale > 0 else ridge
 
 
-def solve_fused_down(
-    grams: Sequence[torch.Tensor],
-    downs: Sequence[torch.Tensor],
-    ridge: float = DEFAULT_RIDGE,
-) -> list[torch.Tensor]:
-    """``A'_i = A_i G_i (G + lambda I)^-1`` for every concept (see module docstring).
+def cross_term(down: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``C_i = A_i G_i`` ``[r, d]``: all the solve needs of one concept's Gram matrix."""
+    return down.to(g.dtype) @ g
 
-    ``grams[i]``: ``[d, d]``; ``downs[i]``: ``A_i`` ``[r_i, d]``. Cholesky on ``G + lambda I``;
-    if that fails (numerically indefinite), a least-squares solve.
+
+def solve_downs(
+    total: torch.Tensor, crosses: Sequence[torch.Tensor], ridge: float = DEFAULT_RIDGE
+) -> list[torch.Tensor]:
+    """``A'_i = C_i (G + lambda I)^-1`` for every concept, from ``G = sum_i G_i`` and ``C_i``.
+
+    Cholesky on ``G + lambda I``; if that fails (numerically indefinite), least squares.
     """
-    if len(grams) != len(downs) or not grams:
-        raise ValueError("need one Gram matrix per LoRA down factor, and at least one")
-    dtype = grams[0].dtype
-    total = torch.stack(list(grams)).sum(0)
+    if not crosses:
+        raise ValueError("need at least one concept")
     lam = ridge_lambda(total, ridge)
-    eye = torch.eye(total.shape[0], dtype=dtype, device=total.device)
-    system = total + lam * eye
-    # right-hand side: columns G_i A_i^T, all concepts at once  -> [d, sum r]
-    rhs = torch.cat([g @ a.to(dtype).T for g, a in zip(grams, downs, strict=True)], dim=1)
+    system = total + lam * torch.eye(total.shape[0], dtype=total.dtype, device=total.device)
+    rhs = torch.cat([c.T for c in crosses], dim=1)  # [d, sum r]
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
         z = torch.cholesky_solve(rhs, chol)
@@ -66,9 +64,9 @@ def solve_fused_down(
         log.warning("Gram matrix not positive definite (info=%d): least-squares solve", int(info))
         z = torch.linalg.lstsq(system, rhs).solution
     out, start = [], 0
-    for a in downs:
-        out.append(z[:, start : start + a.shape[0]].T.contiguous())
-        start += a.shape[0]
+    for c in crosses:
+        out.append(z[:, start : start + c.shape[0]].T.contiguous())
+        start += c.shape[0]
     return out
 
 
@@ -79,9 +77,10 @@ def fused_factors(
     ridge: float = DEFAULT_RIDGE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient fusion of one layer as ``(up [out, sum r], down [sum r, in])``."""
-    new_downs = solve_fused_down(grams, downs, ridge)
-    dtype = new_downs[0].dtype
-    up = torch.cat([b.to(dtype) for b in ups], dim=1)
+    total = torch.stack(list(grams)).sum(0)
+    crosses = [cross_term(a, g) for a, g in zip(downs, grams, strict=True)]
+    new_downs = solve_downs(total, crosses, ridge)
+    up = torch.cat([b.to(total.dtype) for b in ups], dim=1)
     return up, torch.cat(new_downs, dim=0)
 
 
@@ -100,6 +99,30 @@ def weight_fusion_factors(
     return up, down
 
 
+def objective_from_stats(
+    delta_up: torch.Tensor,
+    delta_down: torch.Tensor,
+    total: torch.Tensor,
+    ups: Sequence[torch.Tensor],
+    downs: Sequence[torch.Tensor],
+    crosses: Sequence[torch.Tensor],
+) -> float:
+    """``sum_i ||(W0 + D) X_i - (W0 + B_i A_i) X_i||^2`` with ``D = up @ down``.
+
+    ``W0`` cancels. Expanding ``sum_i tr((D - B_i A_i) G_i (D - B_i A_i)^T)`` leaves
+    ``tr(D G D^T) - 2 sum_i tr(B_i C_i D^T) + sum_i tr(B_i C_i A_i^T B_i^T)``: only the total
+    Gram ``G`` and the ``C_i = A_i G_i`` are needed, and no ``[out, in]`` matrix is formed.
+    """
+    dt = total.dtype
+    up, down = delta_up.to(dt), delta_down.to(dt)
+    value = torch.trace((up.T @ up) @ (down @ total @ down.T))
+    for b, a, c in zip(ups, downs, crosses, strict=True):
+        b, a = b.to(dt), a.to(dt)
+        value = value - 2 * torch.trace((up.T @ b) @ (c @ down.T))
+        value = value + torch.trace((b.T @ b) @ (c @ a.T))
+    return float(value)
+
+
 def objective(
     delta_up: torch.Tensor,
     delta_down: torch.Tensor,
@@ -107,18 +130,10 @@ def objective(
     ups: Sequence[torch.Tensor],
     downs: Sequence[torch.Tensor],
 ) -> float:
-    """``sum_i ||(W0 + D) X_i - (W0 + B_i A_i) X_i||^2`` from Grams, ``D = up @ down``.
-
-    ``W0`` cancels; with ``M_i = D - B_i A_i = U V^T``, each term is
-    ``trace((U^T U)(V^T G_i V))``, computed without forming any ``[out, in]`` matrix.
-    """
-    total = 0.0
-    for g, b, a in zip(grams, ups, downs, strict=True):
-        dt = g.dtype
-        u = torch.cat([delta_up.to(dt), -b.to(dt)], dim=1)  # [out, R + r]
-        v = torch.cat([delta_down.to(dt), a.to(dt)], dim=0)  # [R + r, in]
-        total += float(torch.trace((u.T @ u) @ (v @ g @ v.T)))
-    return total
+    """``objective_from_stats`` from the per-concept Gram matrices."""
+    total = torch.stack(list(grams)).sum(0)
+    crosses = [cross_term(a, g) for a, g in zip(downs, grams, strict=True)]
+    return objective_from_stats(delta_up, delta_down, total, ups, downs, crosses)
 
 
 def objective_dense(
@@ -149,6 +164,7 @@ def lbfgs_reference(
     (500 for the text encoder and keys/values, 50 for the UNet), loss = mean squared error
     between ``W x`` and the concept model's output ``(W0 + B_i A_i) x`` over all recorded x.
     ``features[i]``: ``[n_i, in]`` rows as recorded (kept in host memory, moved per layer).
+    As there, the best iterate is returned (tolerances 1e-16: it runs all iterations).
     """
     out_dim, in_dim = ups[0].shape[0], downs[0].shape[1]
     xs = [f.to(device, torch.float32) for f in features]
