@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lr-embedding", type=float, default=1e-3, help="embedding learning rate")
+    p.add_argument("--lr-text", type=float, default=1e-5, help="text-encoder LoRA learning rate")
+    p.add_argument("--lr-unet", type=float, default=1e-4, help="UNet LoRA learning rate")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--kv-dropout", type=float, default=0.0, help="0.2 is the reference for objects")
     p.add_argument("--seed", type=int, default=0)
@@ -114,6 +117,9 @@ def run(args: argparse.Namespace) -> Path:
             batch_size=args.batch_size,
             resolution=args.resolution,
             rank=args.rank,
+            lr_embedding=args.lr_embedding,
+            lr_text_lora=args.lr_text,
+            lr_unet_lora=args.lr_unet,
             lora_dropout=args.lora_dropout,
             kv_dropout=args.kv_dropout,
             seed=args.seed,

@@ -5,8 +5,9 @@ Per concept ``i`` and per fusion strategy:
 - ``text_drift`` = ||h_fused - h_i||^2 / ||h_i||^2, the text encoder's output at the
   concept's token positions (every layer copy) on the fusion prompts;
 - ``unet_drift`` = ||e_fused - e_i||^2 / ||e_i - e_base||^2, noise predictions on the
-  concept's prompts over several timesteps and seeds (``e_base``: the base model with the
-  concept's embeddings but no LoRA). 0 means the fused model predicts exactly what the
+  concept's prompts at every step of the concept model's own sampling trajectories, two
+  seeds other than fusion's (``e_base``: the base model with the concept's embeddings but
+  no LoRA). 0 means the fused model predicts exactly what the
   concept model does; 1 means it is as far from it as the base is.
 
 And per strategy ``prior_drift`` = ||e_fused - e_base||^2 / ||e_base||^2 on plain prompts
@@ -21,34 +22,66 @@ from pathlib import Path
 
 import torch
 
+from ..common.attention import layerwise_cross_attention
 from ..common.concepts import encode_prompts, tokenize
 from ..common.images import image_grid
 from ..common.pipeline import MixOfShowPipeline
 from .fusion import PARTS, FusionEngine, FusionResult
 
 PLAIN_PROMPTS = ("a photo of a dog", "a red car on the street", "a cat on the beach")
-TIMESTEPS = (100, 300, 500, 700, 900)
+EVAL_SEED = 1000  # fusion samples with seed 0; fidelity is measured on other samples
 
 
 @torch.no_grad()
-def _noise_predictions(engine: FusionEngine, prompts: Sequence[str], seeds: int) -> torch.Tensor:
-    """UNet epsilon for every (prompt, seed, timestep) with the adapters as currently set."""
+def trajectory(
+    engine: FusionEngine, prompts: Sequence[str], seeds: int = 2, steps: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample every prompt ``seeds`` times with the adapters as set (no guidance) and return
+    every UNet input visited: ``(x_t, t, prompt index)``. Seeds differ from fusion's."""
     base = engine.base
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def grab(_module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        seen.append((sample.detach().clone(), torch.as_tensor(t).expand(sample.shape[0]).clone()))
+
+    handle = base.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        MixOfShowPipeline(base, engine.table)(
+            list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            num_images_per_prompt=seeds,
+            generator=torch.Generator().manual_seed(EVAL_SEED),
+            output_type="latent",
+        )
+    finally:
+        handle.remove()
+    xs = torch.cat([x for x, _ in seen])
+    ts = torch.cat([t for _, t in seen]).to(xs.device)
+    index = torch.arange(len(prompts)).repeat_interleave(seeds).repeat(len(seen))
+    return xs, ts, index
+
+
+@torch.no_grad()
+def noise_predictions(
+    engine: FusionEngine,
+    prompts: Sequence[str],
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """UNet epsilon on the given inputs, with the adapters as currently set."""
+    base = engine.base
+    xs, ts, index = inputs
     ctx = encode_prompts(
         base.text_encoder, base.tokenizer, prompts, engine.table, engine.num_layers
     )
-    size = base.unet.config.sample_size
-    gen = torch.Generator().manual_seed(1234)
-    n = len(prompts) * seeds * len(TIMESTEPS)
-    x0 = torch.randn(n, base.unet.config.in_channels, size, size, generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    t = torch.tensor(TIMESTEPS).repeat(len(prompts) * seeds)
-    xt = base.noise_scheduler.add_noise(x0, noise, t).to(base.device, base.unet.dtype)
-    ctx = ctx.repeat_interleave(seeds * len(TIMESTEPS), dim=0).to(base.unet.dtype)
-    from ..common.attention import layerwise_cross_attention
-
+    out = []
     with layerwise_cross_attention(base.unet):
-        return base.unet(xt, t.to(base.device), encoder_hidden_states=ctx).sample.double()
+        for chunk in torch.arange(len(xs)).split(16):
+            c = ctx[index[chunk].to(ctx.device)].to(base.unet.dtype)
+            out.append(base.unet(xs[chunk], ts[chunk], encoder_hidden_states=c).sample.double())
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -71,32 +104,36 @@ def _sq(x: torch.Tensor) -> float:
 
 
 def fidelity(engine: FusionEngine, results: Sequence[FusionResult], seeds: int = 2) -> dict:
-    """The drift table for every concept and strategy (see module docstring)."""
+    """The drift table for every concept and strategy (see module docstring).
+
+    UNet drift is measured along the concept model's own sampling trajectories (prior
+    drift along the base model's), at every step, on seeds other than fusion's.
+    """
     rows = []
     for name in engine.names:
-        own = engine.concept_factors(name)
         prompts = engine._prompts(name)
-        engine.apply(own)
-        h_own, e_own = _text_at_concept(engine, name), _noise_predictions(engine, prompts, seeds)
+        engine.apply(engine.concept_factors(name))
+        inputs = trajectory(engine, prompts, seeds)
+        h_own, e_own = _text_at_concept(engine, name), noise_predictions(engine, prompts, inputs)
         engine.apply(None)
-        e_base = _noise_predictions(engine, prompts, seeds)
+        e_base = noise_predictions(engine, prompts, inputs)
         row = {"concept": engine.packages[name].concept.token, "source": engine.sources[name]}
         for res in results:
             engine.apply(res.factors)
-            h_f, e_f = _text_at_concept(engine, name), _noise_predictions(engine, prompts, seeds)
+            h_f, e_f = _text_at_concept(engine, name), noise_predictions(engine, prompts, inputs)
             row[res.strategy] = {
                 "text_drift": _sq(h_f - h_own) / max(_sq(h_own), 1e-30),
                 "unet_drift": _sq(e_f - e_own) / max(_sq(e_own - e_base), 1e-30),
             }
         rows.append(row)
     engine.apply(None)
-    e_plain = _noise_predictions(engine, PLAIN_PROMPTS, seeds)
+    inputs = trajectory(engine, PLAIN_PROMPTS, seeds)
+    e_plain = noise_predictions(engine, PLAIN_PROMPTS, inputs)
     prior = {}
     for res in results:
         engine.apply(res.factors)
-        prior[res.strategy] = _sq(_noise_predictions(engine, PLAIN_PROMPTS, seeds) - e_plain) / _sq(
-            e_plain
-        )
+        e_f = noise_predictions(engine, PLAIN_PROMPTS, inputs)
+        prior[res.strategy] = _sq(e_f - e_plain) / _sq(e_plain)
     engine.apply(None)
     mean = {
         res.strategy: {

@@ -15,7 +15,7 @@ from mos.server.cli import main as fuse_main
 from mos.server.fused import FusedModel, load_fused_folder
 from mos.server.fusion import FusionConfig, FusionEngine
 from mos.server.recorder import GramRecorder
-from mos.server.report import _noise_predictions, fidelity
+from mos.server.report import fidelity, noise_predictions, trajectory
 from mos.server.solve import (
     fused_factors,
     gram,
@@ -229,7 +229,10 @@ def test_mos_fuse_refuses_bad_packages_before_work(concept_files, tmp_path, caps
 
 def test_noise_predictions_depend_on_the_adapters(concept_files):
     engine = FusionEngine(build_tiny(), _packages(concept_files[:1]))
+    prompts = ["photo of a <dog1>", "<dog1>"]
     engine.apply(None)
-    base = _noise_predictions(engine, ["photo of a <dog1>"], 1)
+    inputs = trajectory(engine, prompts, seeds=2, steps=3)
+    assert inputs[0].shape[0] == 3 * 2 * 2 and inputs[2].tolist()[:4] == [0, 0, 1, 1]
+    base = noise_predictions(engine, prompts, inputs)
     engine.apply(engine.concept_factors("dog1"))
-    assert not torch.allclose(base, _noise_predictions(engine, ["photo of a <dog1>"], 1))
+    assert not torch.allclose(base, noise_predictions(engine, prompts, inputs))
