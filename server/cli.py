@@ -65,7 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampling steps recorded per concept")
     p.add_argument("--samples", type=int, default=1, help="images sampled per concept")
     p.add_argument("--resolution", type=int, help="sampling resolution (default: native)")
-    p.add_argument("--kv-positions", choices=("all", "concept", "concept+eos"), default="all")
+    p.add_argument(
+        "--kv-positions",
+        choices=("all", "concept", "concept+eos"),
+        default="all",
+        help="stage-3 features: every position of the concept prompts (default), "
+        "the concept tokens (METHOD.md), or those and the end token (reference code)",
+    )
+    p.add_argument("--ridge", type=float, default=1e-2, help="relative ridge of the exact solve")
+    p.add_argument(
+        "--ridge-target",
+        choices=("average", "base"),
+        default="average",
+        help="the ridge pulls toward the weight-fusion average or the base weights",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--no-grid", action="store_true", help="skip the sample grid of the report")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")

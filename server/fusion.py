@@ -44,7 +44,6 @@ from ..common.package import ConceptPackage, PackageError
 from ..common.pipeline import MixOfShowPipeline
 from .recorder import GramRecorder
 from .solve import (
-    DEFAULT_RIDGE,
     cross_term,
     lbfgs_reference,
     objective_from_stats,
@@ -69,7 +68,12 @@ class FusionConfig(_Model):
     resolution: int | None = Field(None, ge=8, description="stage-4 sampling size (None: native)")
     samples: int = Field(2, ge=1, le=64, description="images sampled per concept in stage 4")
     seed: int = Field(0, ge=0)
-    ridge: float = Field(DEFAULT_RIDGE, ge=0, description="relative ridge toward the base weights")
+    ridge: float = Field(1e-2, ge=0, description="relative ridge (times mean Gram eigenvalue)")
+    ridge_target: Literal["base", "average"] = Field(
+        "average",
+        description="what the ridge pulls toward: the weight-fusion average (default; measured "
+        "better, see benchmarks/RESULTS.md) or the base weights (METHOD.md's wording, ridge 1e-6)",
+    )
     gram_dtype: Literal["float64", "float32"] = "float64"
     lbfgs_iterations_text: int = Field(500, ge=1, description="reference: text encoder and k/v")
     lbfgs_iterations_unet: int = Field(50, ge=1, description="reference: UNet spatial layers")
@@ -346,7 +350,8 @@ class FusionEngine:
                 ups = [cf[target][0] for cf in concept_factors]
                 downs = [cf[target][1] for cf in concept_factors]
                 if self.config.solver == "exact":
-                    new_downs = solve_downs(total, crosses[target], self.config.ridge)
+                    toward = downs if self.config.ridge_target == "average" else None
+                    new_downs = solve_downs(total, crosses[target], self.config.ridge, toward)
                     up = torch.cat([b.to(total.dtype) for b in ups], dim=1)
                     down = torch.cat(new_downs, dim=0)
                 else:

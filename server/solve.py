@@ -46,15 +46,28 @@ def cross_term(down: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def solve_downs(
-    total: torch.Tensor, crosses: Sequence[torch.Tensor], ridge: float = DEFAULT_RIDGE
+    total: torch.Tensor,
+    crosses: Sequence[torch.Tensor],
+    ridge: float = DEFAULT_RIDGE,
+    toward_average: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """``A'_i = C_i (G + lambda I)^-1`` for every concept, from ``G = sum_i G_i`` and ``C_i``.
 
+    The ridge pulls toward the base weights. With ``toward_average`` (the ``A_i``) it pulls
+    toward the weight-fusion average instead: minimising
+    ``sum_i ||(W - W_i) X_i||^2 + lambda ||W - W0 - mean_i dW_i||^2`` gives
+    ``C_i = A_i (G_i + lambda / n I)``, still exactly low rank. Directions the features
+    hardly visit then take the average update rather than none.
     Cholesky on ``G + lambda I``; if that fails (numerically indefinite), least squares.
     """
     if not crosses:
         raise ValueError("need at least one concept")
     lam = ridge_lambda(total, ridge)
+    if toward_average is not None:
+        n = len(crosses)
+        crosses = [
+            c + (lam / n) * a.to(c.dtype) for c, a in zip(crosses, toward_average, strict=True)
+        ]
     system = total + lam * torch.eye(total.shape[0], dtype=total.dtype, device=total.device)
     rhs = torch.cat([c.T for c in crosses], dim=1)  # [d, sum r]
     chol, info = torch.linalg.cholesky_ex(system)
