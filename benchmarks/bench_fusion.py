@@ -7,7 +7,8 @@ reference's L-BFGS on the same recorded features.
 
 Concepts are random rank-4 LoRAs of realistic size (``||B A|| = 2%`` of ``||W0||`` per
 layer; timing does not depend on what they learned) with class-word embeddings. Each
-(N, solver) runs in its own subprocess so peak memory (CUDA ``max_memory_allocated``, the
+(N, solver) runs in its own subprocess; the exact solver uses ridge 1e-6 toward the base
+(the plain least-squares problem, as the reference's) unless told otherwise, and so peak memory (CUDA ``max_memory_allocated``, the
 process's max RSS) is its own. ``--modes`` instead trains three tiny concepts and reports
 the fidelity of gradient fusion in the sequential and independent modes and of weight fusion.
 """
@@ -68,7 +69,13 @@ def run_one(args) -> dict:
     base = build_tiny() if args.model == "tiny" else sd15_base()
     packages = random_packages(base, args.one_n)
     base.to(device)
-    config = FusionConfig(solver=args.one_solver, steps=args.steps, resolution=args.resolution)
+    config = FusionConfig(
+        solver=args.one_solver,
+        steps=args.steps,
+        resolution=args.resolution,
+        ridge=args.ridge,
+        ridge_target=args.ridge_target,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -97,39 +104,59 @@ def run_one(args) -> dict:
     }
 
 
-def modes() -> None:
-    """Fidelity of sequential vs independent gradient fusion and weight fusion (tiny)."""
+def modes(package_files: list[Path] | None = None) -> None:
+    """Fidelity of the fusion variants and weight fusion, on trained tiny concepts.
+
+    Without ``package_files``: three tiny concepts trained on visibly different synthetic
+    photos (as in the tests).
+    """
     import tempfile
 
     from mos.client.data import load_photo_folder
     from mos.client.trainer import train_concept
     from mos.common.base import build_tiny
     from mos.common.config import TrainConfig
+    from mos.common.package import ConceptPackage
     from mos.server.fusion import FusionConfig, FusionEngine, FusionResult
     from mos.server.report import fidelity
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from tests.test_fusion import _concept_photos
 
-    packages = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind, (name, cls) in enumerate([("dog1", "dog"), ("cat2", "cat"), ("toy3", "toy")]):
-            photos = load_photo_folder(_concept_photos(kind, Path(tmp) / name))
-            config = TrainConfig(steps=60, batch_size=4, lr_unet_lora=3e-3, lr_text_lora=1e-3)
-            packages.append(
-                train_concept(build_tiny(), photos, name, cls, config, progress=False).package
-            )
+    if package_files:
+        packages = [ConceptPackage.load(f) for f in package_files]
+    else:
+        packages = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind, (name, cls) in enumerate([("dog1", "dog"), ("cat2", "cat"), ("toy3", "toy")]):
+                photos = load_photo_folder(_concept_photos(kind, Path(tmp) / name))
+                config = TrainConfig(steps=60, batch_size=4, lr_unet_lora=3e-3, lr_text_lora=1e-3)
+                packages.append(
+                    train_concept(build_tiny(), photos, name, cls, config, progress=False).package
+                )
+    variants = {
+        "gradient fusion (defaults: sequential)": FusionConfig(),
+        "gradient fusion, independent mode": FusionConfig(mode="independent"),
+        "gradient fusion, k/v on concept tokens only": FusionConfig(kv_positions="concept"),
+        "gradient fusion, ridge 1e-6 toward the base": FusionConfig(
+            ridge=1e-6, ridge_target="base"
+        ),
+    }
     results = {}
-    for mode in ("sequential", "independent"):
-        engine = FusionEngine(build_tiny(), packages, FusionConfig(mode=mode))
-        res = engine.fuse(progress=False)
-        rows = [FusionResult(f"gradient-fusion ({mode})", res.factors)]
-        if mode == "sequential":
+    for label, config in variants.items():
+        engine = FusionEngine(build_tiny(), packages, config)
+        rows = [FusionResult(label, engine.fuse(progress=False).factors)]
+        if not results:
             rows.append(engine.weight_fusion())
-        results.update(fidelity(engine, rows)["mean"])
-    print("| fusion | mean text drift | mean UNet drift |\n|---|---|---|")
+        report = fidelity(engine, rows)
+        for r in rows:
+            results[r.strategy] = {
+                **report["mean"][r.strategy],
+                "prior": report["prior_drift"][r.strategy],
+            }
+    print("| fusion | mean text drift | mean UNet drift | prior drift |\n|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['text_drift']:.3g} | {r['unet_drift']:.3g} |")
+        print(f"| {name} | {r['text_drift']:.3g} | {r['unet_drift']:.3g} | {r['prior']:.3g} |")
 
 
 def main() -> None:
@@ -143,12 +170,18 @@ def main() -> None:
     p.add_argument("--resolution", type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path)
-    p.add_argument("--modes", action="store_true", help="fidelity of the fusion modes instead")
+    # the plain least-squares problem the reference solves (mos-fuse's defaults add a ridge)
+    p.add_argument("--ridge", type=float, default=1e-6)
+    p.add_argument("--ridge-target", choices=("base", "average"), default="base")
+    p.add_argument("--modes", action="store_true", help="fidelity of the fusion variants instead")
+    p.add_argument(
+        "--packages", type=Path, nargs="*", help="with --modes: concept packages to fuse"
+    )
     p.add_argument("--one-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--one-solver", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.modes:
-        modes()
+        modes(args.packages)
         return
     if args.one_n:
         print(json.dumps(run_one(args)))

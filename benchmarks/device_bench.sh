@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark as ONE command, for a lent GPU machine (or any CUDA box):
+# The GPU benchmarks (ED-LoRA training, then fusion of N = 3, 14, 50 concepts with the L-BFGS
+# reference at N = 3) as ONE command, for a lent GPU machine (or any CUDA box):
 #   bash benchmarks/device_bench.sh            # results (Markdown + JSON) in $OUT or benchmarks/results
 # On this workplace's device machines nothing can be downloaded: first run
 #   bash benchmarks/fetch_wheels.sh            # here, once: pure-Python wheels into .whl/
@@ -20,6 +21,8 @@ STEPS=${STEPS:-60}
 python3 benchmarks/bench_edlora.py --model sd15 --resolution 512 --batch-size 2 --steps "$STEPS" \
     --warmup 10 --out "$OUT/edlora-sd15-512-b2.json" | tee "$OUT/edlora-sd15-512-b2.md"
 python3 benchmarks/bench_edlora.py --model tiny --steps 200 --out "$OUT/edlora-tiny.json" | tee "$OUT/edlora-tiny.md"
+python3 benchmarks/bench_fusion.py --model sd15 --n 3 14 50 --reference-n 3 \
+    --out "$OUT/fusion-sd15-512.json" | tee "$OUT/fusion-sd15-512.md"
 if [ "${FULL:-0}" = 1 ]; then
     python3 benchmarks/bench_edlora.py --model sd15 --resolution 512 --batch-size 2 --steps 1000 \
         --warmup 10 --out "$OUT/edlora-sd15-1000.json" | tee "$OUT/edlora-sd15-1000.md"

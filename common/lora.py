@@ -45,6 +45,8 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = 1.0
+        # per-sample-group adapters (fusion samples several concept models in one batch)
+        self.batched: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -52,10 +54,31 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if self.batched is not None:
+            ups, downs = self.batched  # [K, out, r], [K, r, in]: batch chunk k uses adapter k
+            k = ups.shape[0]
+            xs = x.reshape(k, -1, x.shape[-1]).to(downs.dtype)
+            lora = (xs @ downs.transpose(1, 2)) @ ups.transpose(1, 2)
+            return out + lora.reshape(out.shape).to(out.dtype)
         if self.scale == 0.0:
             return out
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
         return out + self.scale * lora.to(out.dtype)
+
+    def set_batched(self, ups: list[torch.Tensor], downs: list[torch.Tensor]) -> None:
+        """One adapter per equal chunk of the batch: chunk ``k`` gets ``ups[k] @ downs[k]``.
+
+        Ranks may differ (they are zero-padded). The batch must hold the K groups one after
+        the other, in equal numbers of rows. ``set_factors`` switches this off.
+        """
+        r = max(d.shape[0] for d in downs)
+        dev = self.weight.device
+        u = torch.zeros(len(ups), self.out_features, r, device=dev)
+        d = torch.zeros(len(downs), r, self.in_features, device=dev)
+        for i, (up, down) in enumerate(zip(ups, downs, strict=True)):
+            u[i, :, : up.shape[1]] = up
+            d[i, : down.shape[0]] = down
+        self.batched = (u, d)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A``, the update this adapter adds to ``weight``."""
@@ -63,6 +86,7 @@ class LoRALinear(nn.Linear):
 
     def set_factors(self, up: torch.Tensor | None, down: torch.Tensor | None) -> None:
         """Make the adapter ``up @ down`` (any rank), or switch it off with ``None``."""
+        self.batched = None
         if up is None or down is None:
             self.scale = 0.0
             return

@@ -81,6 +81,7 @@ class MixOfShowPipeline:
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         lora_scale: float | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: bool = False,
     ) -> list[Image.Image] | torch.Tensor:
@@ -117,7 +118,12 @@ class MixOfShowPipeline:
 
             batch = len(prompts) * num_images_per_prompt
             shape = (batch, b.unet.config.in_channels, height // factor, width // factor)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            if latents is None:
+                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            elif tuple(latents.shape) != shape:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+            else:
+                latents = latents.to(device, dtype)
             scheduler = self.scheduler
             scheduler.set_timesteps(num_inference_steps, device=device)
             latents = latents * scheduler.init_noise_sigma

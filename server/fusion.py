@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,7 +66,10 @@ class FusionConfig(_Model):
     solver: Literal["exact", "lbfgs"] = "exact"
     steps: int = Field(20, ge=1, le=1000, description="sampling steps recorded in stage 4")
     resolution: int | None = Field(None, ge=8, description="stage-4 sampling size (None: native)")
-    samples: int = Field(2, ge=1, le=64, description="images sampled per concept in stage 4")
+    samples: int = Field(1, ge=1, le=64, description="images sampled per concept in stage 4")
+    concept_batch: int = Field(
+        8, ge=1, le=256, description="concept models sampled together in one batch in stage 4"
+    )
     seed: int = Field(0, ge=0)
     ridge: float = Field(1e-2, ge=0, description="relative ridge (times mean Gram eigenvalue)")
     ridge_target: Literal["base", "average"] = Field(
@@ -236,10 +239,12 @@ class FusionEngine:
                 groups[key].targets.append(target)
         return groups
 
-    def _recorder(self, part: str) -> GramRecorder:
+    def _recorder(self, part: str, groups: int = 1) -> GramRecorder:
         dtype = torch.float64 if self.config.gram_dtype == "float64" else torch.float32
         hooks = {k: g.hook for k, g in self.groups.items() if g.part == part}
-        return GramRecorder(hooks, dtype=dtype, keep_raw=self.config.solver == "lbfgs")
+        return GramRecorder(
+            hooks, dtype=dtype, keep_raw=self.config.solver == "lbfgs", groups=groups
+        )
 
     # --- recording --------------------------------------------------------------------
     def _prompts(self, name: str) -> list[str]:
@@ -282,40 +287,77 @@ class FusionEngine:
             rec.add(f"unet.{attn_name}.kv", hidden[:, layer][positions])
         return rec
 
+    def apply_batched(self, factors: Sequence[Factors], parts: Sequence[str]) -> None:
+        """Batch chunk ``k`` runs with ``factors[k]`` in ``parts`` (see ``LoRALinear.set_batched``)."""
+        for key, layer in self.layers.items():
+            if self.part_of[key] in parts:
+                layer.set_batched([f[key][0] for f in factors], [f[key][1] for f in factors])
+
     @torch.no_grad()
-    def record_spatial(self, name: str, text: Factors | None, kv: Factors | None) -> GramRecorder:
-        """Stage 4: sample with the concept's model and record every step's inputs."""
-        own = self.concept_factors(name)
-        self.apply(text if text is not None else own, ("text",))
-        self.apply(kv if kv is not None else own, ("kv",))
-        self.apply(own, ("spatial",))
-        pipe = MixOfShowPipeline(self.base, self.table)
-        token = self.packages[name].concept.token
+    def record_spatial(
+        self, names: Sequence[str], text: Factors | None, kv: Factors | None
+    ) -> GramRecorder:
+        """Stage 4: sample with each concept's model and record every step's inputs.
+
+        The concepts of ``names`` are sampled together, one batch chunk per concept model,
+        each from the same starting noise it would get alone; with several names the
+        recorder's Gram matrices are ``[len(names), d, d]``.
+        """
+        own = [self.concept_factors(n) for n in names]
+        for part, fused in (("text", text), ("kv", kv)):
+            if fused is not None:
+                self.apply(fused, (part,))
+            else:
+                self.apply_batched(own, (part,))
+        self.apply_batched(own, ("spatial",))
         size = self.config.resolution or self.base.default_resolution
-        with self._recorder("spatial") as rec:
-            pipe(
-                self.config.sample_prompt.format(token),
-                num_inference_steps=self.config.steps,
-                guidance_scale=1.0,
-                height=size,
-                width=size,
-                num_images_per_prompt=self.config.samples,
-                generator=torch.Generator().manual_seed(self.config.seed),
-                output_type="latent",
-            )
+        factor = self.base.vae_scale_factor
+        shape = (
+            self.config.samples,
+            self.base.unet.config.in_channels,
+            size // factor,
+            size // factor,
+        )
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.config.seed))
+        prompts = [self.config.sample_prompt.format(self.packages[n].concept.token) for n in names]
+        groups = len(names) if len(names) > 1 else 1
+        try:
+            with self._recorder("spatial", groups) as rec:
+                MixOfShowPipeline(self.base, self.table)(
+                    prompts,
+                    num_inference_steps=self.config.steps,
+                    guidance_scale=1.0,
+                    height=size,
+                    width=size,
+                    num_images_per_prompt=self.config.samples,
+                    latents=noise.repeat(len(names), 1, 1, 1),
+                    output_type="latent",
+                )
+        finally:
+            self.apply(None)
         return rec
 
-    def _grams(self, name: str, part: str, record) -> dict[str, torch.Tensor]:
-        """One concept's Gram matrices for ``part``: recorded, or from the independent cache."""
-        cached = self._cache.get(name, {}).get(part)
-        if cached is not None:
-            return cached
-        rec = record(name)
-        if rec.keep_raw:
-            self._raw.setdefault(name, {}).update(rec.raw)
-        if self.config.mode == "independent":
-            self._cache.setdefault(name, {})[part] = {k: g.cpu() for k, g in rec.grams.items()}
-        return rec.grams
+    def _statistics(self, part: str, names: list[str], record) -> Iterator[tuple[str, dict]]:
+        """``(name, {group: G})`` for every concept, in order: from the independent-mode
+        cache, or recorded (stage 4: ``concept_batch`` concepts per sampling batch)."""
+        batch = (
+            self.config.concept_batch if part == "spatial" and self.config.solver == "exact" else 1
+        )
+        for start in range(0, len(names), batch):
+            chunk = names[start : start + batch]
+            missing = [n for n in chunk if part not in self._cache.get(n, {})]
+            recorded: dict[str, dict[str, torch.Tensor]] = {}
+            if missing:
+                rec = record(missing)
+                if rec.keep_raw:
+                    self._raw.setdefault(missing[0], {}).update(rec.raw)
+                for i, n in enumerate(missing):
+                    grams = {k: (g[i] if rec.groups > 1 else g) for k, g in rec.grams.items()}
+                    recorded[n] = grams
+                    if self.config.mode == "independent":
+                        self._cache.setdefault(n, {})[part] = {k: g.cpu() for k, g in grams.items()}
+            for n in chunk:
+                yield n, recorded[n] if n in recorded else self._cache[n][part]
 
     def _solve_part(self, part: str, names: list[str], record, bar) -> tuple[Factors, float, float]:
         """Record (or reuse) every concept's statistics for ``part`` and solve each layer.
@@ -330,8 +372,8 @@ class FusionEngine:
         totals: dict[str, torch.Tensor] = {}
         crosses: dict[str, list[torch.Tensor]] = {t: [] for g in groups for t in g.targets}
         concept_factors = [self.concept_factors(n) for n in names]
-        for name, own in zip(names, concept_factors, strict=True):
-            grams = self._grams(name, part, record)
+        stats = self._statistics(part, names, record)
+        for (_name, grams), own in zip(stats, concept_factors, strict=True):
             for group in groups:
                 g = grams[group.key].to(device)
                 if group.key in totals:
@@ -397,19 +439,19 @@ class FusionEngine:
             )
 
         try:
-            stage("text", self.record_text)
+            stage("text", lambda ns: self.record_text(ns[0]))
             text = (
                 None
                 if independent
                 else {k: v for k, v in factors.items() if self.part_of[k] == "text"}
             )
-            stage("kv", lambda n: self.record_kv(n, text))
+            stage("kv", lambda ns: self.record_kv(ns[0], text))
             kv = (
                 None
                 if independent
                 else {k: v for k, v in factors.items() if self.part_of[k] == "kv"}
             )
-            stage("spatial", lambda n: self.record_spatial(n, text, kv))
+            stage("spatial", lambda ns: self.record_spatial(ns, text, kv))
         finally:
             bar.close()
             if not independent:

@@ -20,10 +20,16 @@ class GramRecorder:
         modules: dict[str, nn.Module],
         dtype: torch.dtype = torch.float64,
         keep_raw: bool = False,
+        groups: int = 1,
     ) -> None:
+        """``groups > 1``: the batch holds that many models' rows one after the other (equal
+        numbers); each gets its own Gram matrix, ``grams[key]`` is then ``[groups, d, d]``."""
+        if groups > 1 and keep_raw:
+            raise ValueError("raw features are kept for one model at a time")
         self.modules = modules
         self.dtype = dtype
         self.keep_raw = keep_raw
+        self.groups = groups
         self.grams: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self.raw: dict[str, list[torch.Tensor]] = {}
@@ -32,12 +38,22 @@ class GramRecorder:
     def add(self, key: str, x: torch.Tensor) -> None:
         """Add rows ``x`` ``[..., d]`` to group ``key`` (also used without hooks)."""
         with torch.no_grad():
-            x = x.detach().reshape(-1, x.shape[-1])
+            d = x.shape[-1]
+            x = x.detach()
+            if self.groups > 1:  # [groups, rows of that model, d]
+                xg = x.reshape(self.groups, -1, d).to(self.dtype)
+                if key not in self.grams:
+                    self.grams[key] = torch.zeros(
+                        self.groups, d, d, dtype=self.dtype, device=x.device
+                    )
+                    self.rows[key] = 0
+                self.grams[key].baddbmm_(xg.transpose(1, 2), xg)
+                self.rows[key] += xg.shape[1]
+                return
+            x = x.reshape(-1, d)
             xd = x.to(self.dtype)
             if key not in self.grams:
-                self.grams[key] = torch.zeros(
-                    x.shape[1], x.shape[1], dtype=self.dtype, device=x.device
-                )
+                self.grams[key] = torch.zeros(d, d, dtype=self.dtype, device=x.device)
                 self.rows[key] = 0
             self.grams[key].addmm_(xd.T, xd)
             self.rows[key] += x.shape[0]

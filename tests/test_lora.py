@@ -82,3 +82,18 @@ def test_state_dict_names_and_strict_loading(tiny):
 def test_rank_out_of_range_is_refused():
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(nn.Linear(3, 3), rank=4)
+
+
+def test_batched_adapters_apply_one_adapter_per_batch_chunk():
+    torch.manual_seed(0)
+    lin = LoRALinear(nn.Linear(6, 5), rank=2)
+    ups = [torch.randn(5, 2), torch.randn(5, 3)]  # ranks may differ
+    downs = [torch.randn(2, 6), torch.randn(3, 6)]
+    x = torch.randn(4, 7, 6)  # chunk 0: rows 0-1, chunk 1: rows 2-3
+    lin.set_batched(ups, downs)
+    got = lin(x)
+    for k in range(2):
+        want = x[2 * k : 2 * k + 2] @ (lin.weight + ups[k] @ downs[k]).T + lin.bias
+        assert torch.allclose(got[2 * k : 2 * k + 2], want, atol=1e-5)
+    lin.set_factors(None, None)  # switches the batched adapters off too
+    assert torch.allclose(lin(x), x @ lin.weight.T + lin.bias, atol=1e-6)
