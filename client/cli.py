@@ -21,6 +21,7 @@ import torch
 from pydantic import ValidationError
 
 from ..common.base import TINY, BaseModel, BaseModelError, load_base_model
+from ..common.cli import UsageError, run_command
 from ..common.concepts import ConceptError, parse_concept_name
 from ..common.config import TrainConfig
 from ..common.edlora import class_word_id
@@ -33,10 +34,6 @@ log = logging.getLogger("mos.client")
 
 VALIDATION_PROMPTS = ("a photo of a {}", "a {} on the beach", "a {} in the snow")
 VALIDATION_SCALES = (0.0, 0.7, 1.0)
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs; printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,17 +181,14 @@ def validation_grid(base, concepts, token: str, steps: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, PhotoFolderError, BaseModelError, ConceptError) as err:
-        print(f"mos-client: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mos-client: interrupted (a package is only ever written whole)", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(
+        "mos-client",
+        build_parser(),
+        run,
+        (PhotoFolderError, BaseModelError, ConceptError),
+        argv,
+        interrupted="interrupted (a package is only ever written whole)",
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from ..client.cli import resolve_device
 from ..common.base import TINY, BaseModelError, load_base_model
+from ..common.cli import UsageError, run_command
 from ..common.concepts import ConceptError
 from ..common.package import ConceptPackage, PackageError
 from .fused import FusedModel, save_fused_folder
@@ -32,10 +33,6 @@ from .report import fidelity, sample_grid, write_report
 
 log = logging.getLogger("mos.fuse")
 STRATEGIES = ("gradient-fusion", "weight-fusion")
-
-
-class UsageError(Exception):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,17 +176,8 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, PackageError, BaseModelError, ConceptError) as err:
-        print(f"mos-fuse: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mos-fuse: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    errors = (PackageError, BaseModelError, ConceptError)
+    return run_command("mos-fuse", build_parser(), run, errors, argv)
 
 
 if __name__ == "__main__":

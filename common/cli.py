@@ -1,0 +1,34 @@
+"""What every ``mos-*`` command shares: logging set-up and turning known errors into
+one-line messages with exit status 2 (130 on Ctrl-C), never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs; printed without a traceback."""
+
+
+def run_command(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], object],
+    errors: tuple[type[BaseException], ...],
+    argv: list[str] | None = None,
+    interrupted: str = "interrupted",
+) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, *errors) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    return 0
