@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="average",
         help="the ridge pulls toward the weight-fusion average or the base weights",
     )
+    p.add_argument(
+        "--gram-dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="precision of the accumulated Gram matrices",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--no-grid", action="store_true", help="skip the sample grid of the report")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
@@ -117,6 +123,9 @@ def run(args: argparse.Namespace) -> Path:
             samples=args.samples,
             resolution=args.resolution,
             kv_positions=args.kv_positions,
+            ridge=args.ridge,
+            ridge_target=args.ridge_target,
+            gram_dtype=args.gram_dtype,
         )
     except ValidationError as err:
         raise UsageError("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in err.errors())) from err

@@ -1,3 +1,4 @@
+import json
 import random
 from pathlib import Path
 
@@ -276,3 +277,40 @@ def test_noise_predictions_depend_on_the_adapters(concept_files):
     base = noise_predictions(engine, prompts, inputs)
     engine.apply(engine.concept_factors("dog1"))
     assert not torch.allclose(base, noise_predictions(engine, prompts, inputs))
+
+
+def test_mos_fuse_with_the_reference_solver_and_weights(concept_files, tmp_path):
+    out = tmp_path / "ref"
+    args = ["--concepts", *map(str, concept_files[:2]), "--out", str(out), "--no-grid"]
+    assert (
+        fuse_main([*args, "--solver", "lbfgs", "--mode", "independent", "--gram-dtype", "float32"])
+        == 0
+    )
+    report = json.loads((out / "fusion_report.json").read_text())
+    assert report["config"]["solver"] == "lbfgs" and report["config"]["gram_dtype"] == "float32"
+    assert set(report["mean"]) == {"gradient-fusion", "weight-fusion"}
+    out2 = tmp_path / "wf"
+    assert (
+        fuse_main(
+            [
+                "--concepts",
+                *map(str, concept_files[:2]),
+                "--out",
+                str(out2),
+                "--no-grid",
+                "--strategy",
+                "weight-fusion",
+                "--weights",
+                "1",
+                "0",
+            ]
+        )
+        == 0
+    )
+    compact = FusedModel.load_compact(out2 / "fused.safetensors")
+    assert compact.strategy == "weight-fusion"
+    dog = ConceptPackage.load(concept_files[0])
+    key = next(iter(compact.factors))
+    up, down = compact.factors[key]
+    want = dog.lora[f"{key}.lora_B.weight"] @ dog.lora[f"{key}.lora_A.weight"]
+    assert torch.allclose(up @ down, want, atol=1e-6)  # weights 1, 0: exactly the first concept
