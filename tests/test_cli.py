@@ -41,6 +41,52 @@ def test_local_mode_writes_package_grid_and_loss_curve(photo_dir, tmp_path, caps
     assert code == 2 and "--force" in capsys.readouterr().err
 
 
+def test_every_training_option_reaches_the_package(photo_dir, tmp_path):
+    out = tmp_path / "o.safetensors"
+    opts = [
+        "--lr-embedding",
+        "0.002",
+        "--lr-text",
+        "3e-5",
+        "--lr-unet",
+        "5e-4",
+        "--rank",
+        "2",
+        "--batch-size",
+        "3",
+        "--lora-dropout",
+        "0.1",
+        "--kv-dropout",
+        "0.2",
+        "--seed",
+        "7",
+        "--resolution",
+        "48",
+        "--steps",
+        "2",
+    ]
+    assert (
+        main(
+            [
+                "--data",
+                str(photo_dir),
+                "--concept",
+                "dog1",
+                *opts,
+                "--no-samples",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    t = ConceptPackage.load(out).training
+    assert (t["lr_embedding"], t["lr_text_lora"], t["lr_unet_lora"]) == (0.002, 3e-5, 5e-4)
+    assert (t["rank"], t["batch_size"], t["lora_dropout"], t["kv_dropout"]) == (2, 3, 0.1, 0.2)
+    assert (t["seed"], t["resolution"], t["steps"]) == (7, 48, 2)
+
+
 def test_vanilla_lora_method(photo_dir, tmp_path):
     out = tmp_path / "cat2.safetensors"
     assert (
