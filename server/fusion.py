@@ -239,12 +239,13 @@ class FusionEngine:
                 groups[key].targets.append(target)
         return groups
 
-    def _recorder(self, part: str, groups: int = 1) -> GramRecorder:
+    def _recorder(
+        self, part: str, groups: int = 1, reduce: dict[str, torch.Tensor] | None = None
+    ) -> GramRecorder:
         dtype = torch.float64 if self.config.gram_dtype == "float64" else torch.float32
         hooks = {k: g.hook for k, g in self.groups.items() if g.part == part}
-        return GramRecorder(
-            hooks, dtype=dtype, keep_raw=self.config.solver == "lbfgs", groups=groups
-        )
+        keep_raw = self.config.solver == "lbfgs"
+        return GramRecorder(hooks, dtype=dtype, keep_raw=keep_raw, groups=groups, reduce=reduce)
 
     # --- recording --------------------------------------------------------------------
     def _prompts(self, name: str) -> list[str]:
@@ -295,13 +296,17 @@ class FusionEngine:
 
     @torch.no_grad()
     def record_spatial(
-        self, names: Sequence[str], text: Factors | None, kv: Factors | None
+        self,
+        names: Sequence[str],
+        text: Factors | None,
+        kv: Factors | None,
+        reduce: dict[str, torch.Tensor] | None = None,
     ) -> GramRecorder:
         """Stage 4: sample with each concept's model and record every step's inputs.
 
         The concepts of ``names`` are sampled together, one batch chunk per concept model,
         each from the same starting noise it would get alone; with several names the
-        recorder's Gram matrices are ``[len(names), d, d]``.
+        recorder's Gram matrices are ``[len(names), d, d]`` (or reduced, see ``GramRecorder``).
         """
         own = [self.concept_factors(n) for n in names]
         for part, fused in (("text", text), ("kv", kv)):
@@ -322,7 +327,7 @@ class FusionEngine:
         prompts = [self.config.sample_prompt.format(self.packages[n].concept.token) for n in names]
         groups = len(names) if len(names) > 1 else 1
         try:
-            with self._recorder("spatial", groups) as rec:
+            with self._recorder("spatial", groups, reduce) as rec:
                 MixOfShowPipeline(self.base, self.table)(
                     prompts,
                     num_inference_steps=self.config.steps,
@@ -337,53 +342,96 @@ class FusionEngine:
             self.apply(None)
         return rec
 
-    def _statistics(self, part: str, names: list[str], record) -> Iterator[tuple[str, dict]]:
-        """``(name, {group: G})`` for every concept, in order: from the independent-mode
-        cache, or recorded (stage 4: ``concept_batch`` concepts per sampling batch)."""
-        batch = (
-            self.config.concept_batch if part == "spatial" and self.config.solver == "exact" else 1
-        )
+    def _stacked_downs(self, part: str, own: list[Factors]) -> tuple[dict[str, torch.Tensor], int]:
+        """Per group, the chunk's down factors of all its targets: ``[K, m * r_max, d]``."""
+        r = max(f[t][1].shape[0] for f in own for t in f)
+        stacked = {}
+        for group in self.groups.values():
+            if group.part != part:
+                continue
+            d = own[0][group.targets[0]][1].shape[1]
+            m = len(group.targets)
+            out = torch.zeros(len(own), m * r, d, device=self.base.device)
+            for k, f in enumerate(own):
+                for j, t in enumerate(group.targets):
+                    a = f[t][1]
+                    out[k, j * r : j * r + a.shape[0]] = a
+            stacked[group.key] = out
+        return stacked, r
+
+    def _contributions(
+        self, part: str, names: list[str], own: list[Factors], record
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]]:
+        """Per chunk of concepts: ``(count, {group: sum of G_i}, {target: [C_i = A_i G_i]})``.
+
+        Sequential exact fusion of stage 4 reduces while recording (no per-concept Gram
+        matrix exists); otherwise per-concept Gram matrices are recorded (or taken from the
+        independent-mode cache, where they are kept) and reduced here.
+        """
+        exact = self.config.solver == "exact"
+        batch = self.config.concept_batch if part == "spatial" and exact else 1
+        groups = [g for g in self.groups.values() if g.part == part]
+        device = self.base.device
         for start in range(0, len(names), batch):
-            chunk = names[start : start + batch]
+            chunk, chunk_own = names[start : start + batch], own[start : start + batch]
+            totals: dict[str, torch.Tensor] = {}
+            crosses: dict[str, list[torch.Tensor]] = {t: [] for g in groups for t in g.targets}
+            if part == "spatial" and exact and self.config.mode == "sequential":
+                stacked, r = self._stacked_downs(part, chunk_own)
+                rec = record(chunk, stacked)
+                for group in groups:
+                    totals[group.key] = rec.grams[group.key]
+                    for j, t in enumerate(group.targets):
+                        for k, f in enumerate(chunk_own):
+                            rank = f[t][1].shape[0]
+                            crosses[t].append(rec.crosses[group.key][k, j * r : j * r + rank])
+                yield len(chunk), totals, crosses
+                continue
             missing = [n for n in chunk if part not in self._cache.get(n, {})]
             recorded: dict[str, dict[str, torch.Tensor]] = {}
             if missing:
-                rec = record(missing)
+                rec = record(missing, None)
                 if rec.keep_raw:
                     self._raw.setdefault(missing[0], {}).update(rec.raw)
                 for i, n in enumerate(missing):
-                    grams = {k: (g[i] if rec.groups > 1 else g) for k, g in rec.grams.items()}
-                    recorded[n] = grams
+                    recorded[n] = {k: (g[i] if rec.groups > 1 else g) for k, g in rec.grams.items()}
                     if self.config.mode == "independent":
-                        self._cache.setdefault(n, {})[part] = {k: g.cpu() for k, g in grams.items()}
-            for n in chunk:
-                yield n, recorded[n] if n in recorded else self._cache[n][part]
+                        self._cache.setdefault(n, {})[part] = {
+                            k: g.cpu() for k, g in recorded[n].items()
+                        }
+            for n, f in zip(chunk, chunk_own, strict=True):
+                grams = recorded.pop(n) if n in recorded else self._cache[n][part]
+                for group in groups:
+                    g = grams[group.key].to(device)
+                    totals[group.key] = totals[group.key] + g if group.key in totals else g.clone()
+                    for t in group.targets:
+                        crosses[t].append(cross_term(f[t][1], g))
+            yield len(chunk), totals, crosses
 
     def _solve_part(self, part: str, names: list[str], record, bar) -> tuple[Factors, float, float]:
         """Record (or reuse) every concept's statistics for ``part`` and solve each layer.
 
-        Statistics are streamed: each concept's Gram matrix is added to the running total
-        and reduced to ``C_i = A_i G_i`` per layer, then dropped, so device memory holds one
-        total per layer whatever the number of concepts. Returns the factors, their
-        objective, and the objective weight fusion would have on the same statistics.
+        Statistics are streamed: per layer only the total Gram matrix and each concept's
+        ``C_i = A_i G_i`` (rank x d) are kept, so device memory does not grow with the number
+        of concepts beyond those thin matrices. Returns the factors, their objective, and the
+        objective weight fusion would have on the same statistics.
         """
         groups = [g for g in self.groups.values() if g.part == part]
-        device = self.base.device
         totals: dict[str, torch.Tensor] = {}
         crosses: dict[str, list[torch.Tensor]] = {t: [] for g in groups for t in g.targets}
         concept_factors = [self.concept_factors(n) for n in names]
-        stats = self._statistics(part, names, record)
-        for (_name, grams), own in zip(stats, concept_factors, strict=True):
-            for group in groups:
-                g = grams[group.key].to(device)
-                if group.key in totals:
-                    totals[group.key] += g
+        for count, chunk_totals, chunk_crosses in self._contributions(
+            part, names, concept_factors, record
+        ):
+            for key, g in chunk_totals.items():
+                if key in totals:
+                    totals[key] += g
                 else:
-                    totals[group.key] = g.clone()
-                for target in group.targets:
-                    crosses[target].append(cross_term(own[target][1], g))
-            del grams
-            bar.update(1)
+                    totals[key] = g
+            for t, cs in chunk_crosses.items():
+                crosses[t].extend(cs)
+            bar.update(count)
+        device = self.base.device
         factors: Factors = {}
         total_obj = baseline_obj = 0.0
         for group in groups:
@@ -439,19 +487,19 @@ class FusionEngine:
             )
 
         try:
-            stage("text", lambda ns: self.record_text(ns[0]))
+            stage("text", lambda ns, _reduce: self.record_text(ns[0]))
             text = (
                 None
                 if independent
                 else {k: v for k, v in factors.items() if self.part_of[k] == "text"}
             )
-            stage("kv", lambda ns: self.record_kv(ns[0], text))
+            stage("kv", lambda ns, _reduce: self.record_kv(ns[0], text))
             kv = (
                 None
                 if independent
                 else {k: v for k, v in factors.items() if self.part_of[k] == "kv"}
             )
-            stage("spatial", lambda ns: self.record_spatial(ns, text, kv))
+            stage("spatial", lambda ns, reduce: self.record_spatial(ns, text, kv, reduce))
         finally:
             bar.close()
             if not independent:

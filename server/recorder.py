@@ -21,15 +21,26 @@ class GramRecorder:
         dtype: torch.dtype = torch.float64,
         keep_raw: bool = False,
         groups: int = 1,
+        reduce: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """``groups > 1``: the batch holds that many models' rows one after the other (equal
-        numbers); each gets its own Gram matrix, ``grams[key]`` is then ``[groups, d, d]``."""
+        numbers); each gets its own Gram matrix, ``grams[key]`` is then ``[groups, d, d]``.
+
+        ``reduce``: instead of one Gram matrix per model, keep only their sum
+        ``grams[key]`` ``[d, d]`` and ``crosses[key][k] = D_k X_k^T X_k`` ``[R, d]`` for the
+        given ``reduce[key]`` = ``D`` ``[groups, R, d]`` (the models' stacked LoRA down
+        factors): all gradient fusion needs, in ``O(d^2 + groups * R * d)`` memory.
+        """
+        if reduce is not None:
+            groups = next(iter(reduce.values())).shape[0]
         if groups > 1 and keep_raw:
             raise ValueError("raw features are kept for one model at a time")
         self.modules = modules
         self.dtype = dtype
         self.keep_raw = keep_raw
         self.groups = groups
+        self.reduce = reduce
+        self.crosses: dict[str, torch.Tensor] = {}
         self.grams: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self.raw: dict[str, list[torch.Tensor]] = {}
@@ -40,6 +51,18 @@ class GramRecorder:
         with torch.no_grad():
             d = x.shape[-1]
             x = x.detach()
+            if self.reduce is not None:
+                xg = x.reshape(self.groups, -1, d).to(self.dtype)
+                down = self.reduce[key].to(x.device, self.dtype)  # [groups, R, d]
+                flat = xg.reshape(-1, d)
+                if key not in self.grams:
+                    self.grams[key] = torch.zeros(d, d, dtype=self.dtype, device=x.device)
+                    self.crosses[key] = torch.zeros_like(down)
+                    self.rows[key] = 0
+                self.grams[key].addmm_(flat.T, flat)
+                self.crosses[key].baddbmm_((xg @ down.transpose(1, 2)).transpose(1, 2), xg)
+                self.rows[key] += xg.shape[1]
+                return
             if self.groups > 1:  # [groups, rows of that model, d]
                 xg = x.reshape(self.groups, -1, d).to(self.dtype)
                 if key not in self.grams:

@@ -94,6 +94,19 @@ def test_streaming_gram_equals_batch_and_hooks_are_removed():
     assert not lin._forward_pre_hooks
 
 
+def test_reducing_recorder_keeps_only_the_total_and_the_cross_terms():
+    lin = torch.nn.Linear(5, 3)
+    downs = torch.randn(2, 4, 5, dtype=torch.float64)  # 2 models, R = 4
+    xs = [torch.randn(6, 3, 5) for _ in range(3)]  # rows 0-2: model 0, rows 3-5: model 1
+    with GramRecorder({"lin": lin}, reduce={"lin": downs}) as rec:
+        for x in xs:
+            lin(x)
+    per_model = [gram(torch.cat([x[3 * k : 3 * k + 3] for x in xs])) for k in range(2)]
+    assert torch.allclose(rec.grams["lin"], per_model[0] + per_model[1], atol=1e-10)
+    for k in range(2):
+        assert torch.allclose(rec.crosses["lin"][k], downs[k] @ per_model[k], atol=1e-9)
+
+
 def test_lbfgs_reference_is_within_one_percent_of_the_exact_objective():
     ups, downs, xs = _problem(seed=1, d_in=8, rows=200)
     grams = [gram(x) for x in xs]
