@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=20, help="sampling steps recorded per concept")
     p.add_argument("--samples", type=int, default=1, help="images sampled per concept")
+    p.add_argument(
+        "--concept-batch",
+        type=int,
+        default=8,
+        help="concept models sampled together in one batch (memory vs speed)",
+    )
     p.add_argument("--resolution", type=int, help="sampling resolution (default: native)")
     p.add_argument(
         "--kv-positions",
@@ -121,6 +127,7 @@ def run(args: argparse.Namespace) -> Path:
             solver=args.solver,
             steps=args.steps,
             samples=args.samples,
+            concept_batch=args.concept_batch,
             resolution=args.resolution,
             kv_positions=args.kv_positions,
             ridge=args.ridge,
