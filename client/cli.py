@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from ..common.base import TINY, BaseModel, BaseModelError, load_base_model
-from ..common.cli import UsageError, run_command
+from ..common.cli import UsageError, config_from, run_command
 from ..common.concepts import ConceptError, parse_concept_name
 from ..common.config import TrainConfig
 from ..common.edlora import class_word_id
@@ -107,26 +106,20 @@ def run(args: argparse.Namespace) -> Path:
         name = parse_concept_name(args.concept)
     except ConceptError as err:
         raise UsageError(str(err)) from err
-    try:
-        config = TrainConfig(
-            method=args.method,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            resolution=args.resolution,
-            rank=args.rank,
-            lr_embedding=args.lr_embedding,
-            lr_text_lora=args.lr_text,
-            lr_unet_lora=args.lr_unet,
-            lora_dropout=args.lora_dropout,
-            kv_dropout=args.kv_dropout,
-            seed=args.seed,
-        )
-    except ValidationError as err:
-        msgs = "; ".join(
-            f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}"
-            for e in err.errors()
-        )
-        raise UsageError(msgs) from err
+    config = config_from(
+        TrainConfig,
+        method=args.method,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        rank=args.rank,
+        lr_embedding=args.lr_embedding,
+        lr_text_lora=args.lr_text,
+        lr_unet_lora=args.lr_unet,
+        lora_dropout=args.lora_dropout,
+        kv_dropout=args.kv_dropout,
+        seed=args.seed,
+    )
     out = args.out or Path(f"{name}.safetensors")
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out}: a concept package file must end in .safetensors")

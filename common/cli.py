@@ -7,10 +7,28 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+Config = TypeVar("Config", bound=BaseModel)
 
 
 class UsageError(Exception):
     """A problem with the command line or its inputs; printed without a traceback."""
+
+
+def config_from(cls: type[Config], **fields) -> Config:
+    """Build a settings model; a bad value becomes a ``UsageError`` naming the option."""
+    try:
+        return cls(**fields)
+    except ValidationError as err:
+        raise UsageError(
+            "; ".join(
+                f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}"
+                for e in err.errors()
+            )
+        ) from err
 
 
 def run_command(

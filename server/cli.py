@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from ..client.cli import resolve_device
 from ..common.base import TINY, BaseModelError, load_base_model
-from ..common.cli import UsageError, run_command
+from ..common.cli import UsageError, config_from, run_command
 from ..common.concepts import ConceptError
 from ..common.package import ConceptPackage, PackageError
 from .fused import FusedModel, save_fused_folder
@@ -121,21 +120,19 @@ def run(args: argparse.Namespace) -> Path:
         raise UsageError(
             f"--weights: {len(args.weights)} weights for {len(args.concepts)} packages"
         )
-    try:
-        config = FusionConfig(
-            mode=args.mode,
-            solver=args.solver,
-            steps=args.steps,
-            samples=args.samples,
-            concept_batch=args.concept_batch,
-            resolution=args.resolution,
-            kv_positions=args.kv_positions,
-            ridge=args.ridge,
-            ridge_target=args.ridge_target,
-            gram_dtype=args.gram_dtype,
-        )
-    except ValidationError as err:
-        raise UsageError("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in err.errors())) from err
+    config = config_from(
+        FusionConfig,
+        mode=args.mode,
+        solver=args.solver,
+        steps=args.steps,
+        samples=args.samples,
+        concept_batch=args.concept_batch,
+        resolution=args.resolution,
+        kv_positions=args.kv_positions,
+        ridge=args.ridge,
+        ridge_target=args.ridge_target,
+        gram_dtype=args.gram_dtype,
+    )
     device = resolve_device(args.device)
     packages = read_packages(args.concepts)
     base = load_base_model(args.base_model, config=args.base_config)
