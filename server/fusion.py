@@ -248,7 +248,8 @@ class FusionEngine:
         return GramRecorder(hooks, dtype=dtype, keep_raw=keep_raw, groups=groups, reduce=reduce)
 
     # --- recording --------------------------------------------------------------------
-    def _prompts(self, name: str) -> list[str]:
+    def prompts_of(self, name: str) -> list[str]:
+        """The fusion prompts of a concept ("photo of a <dog1>", "<dog1>")."""
         token = self.packages[name].concept.token
         return [p.format(token) for p in self.config.text_prompts]
 
@@ -260,7 +261,7 @@ class FusionEngine:
             encode_prompts(
                 self.base.text_encoder,
                 self.base.tokenizer,
-                self._prompts(name),
+                self.prompts_of(name),
                 self.table,
                 self.num_layers,
             )
@@ -271,7 +272,7 @@ class FusionEngine:
         """Stage 3: text-encoder outputs at the concept's token positions, per layer copy."""
         self.apply(text if text is not None else self.concept_factors(name), ("text",))
         concept = self.packages[name].concept
-        prompts = self._prompts(name)
+        prompts = self.prompts_of(name)
         hidden = encode_prompts(
             self.base.text_encoder, self.base.tokenizer, prompts, self.table, self.num_layers
         )

@@ -26,7 +26,7 @@ from ..common.attention import layerwise_cross_attention
 from ..common.concepts import encode_prompts, tokenize
 from ..common.images import image_grid
 from ..common.pipeline import MixOfShowPipeline
-from .fusion import PARTS, FusionEngine, FusionResult
+from .fusion import FusionEngine, FusionResult
 
 PLAIN_PROMPTS = ("a photo of a dog", "a red car on the street", "a cat on the beach")
 EVAL_SEED = 1000  # fusion samples with seed 0; fidelity is measured on other samples
@@ -87,7 +87,7 @@ def noise_predictions(
 @torch.no_grad()
 def _text_at_concept(engine: FusionEngine, name: str) -> torch.Tensor:
     base = engine.base
-    prompts = engine._prompts(name)
+    prompts = engine.prompts_of(name)
     hidden = encode_prompts(
         base.text_encoder, base.tokenizer, prompts, engine.table, engine.num_layers
     )
@@ -111,7 +111,7 @@ def fidelity(engine: FusionEngine, results: Sequence[FusionResult], seeds: int =
     """
     rows = []
     for name in engine.names:
-        prompts = engine._prompts(name)
+        prompts = engine.prompts_of(name)
         engine.apply(engine.concept_factors(name))
         inputs = trajectory(engine, prompts, seeds)
         h_own, e_own = _text_at_concept(engine, name), noise_predictions(engine, prompts, inputs)
@@ -203,6 +203,3 @@ def write_report(report: dict, out_dir: Path, grid=None) -> None:
     )
     if grid is not None:
         grid.save(out_dir / "fusion_report.png")
-
-
-__all__ = ["fidelity", "sample_grid", "markdown", "write_report", "PARTS"]
