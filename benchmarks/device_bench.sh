@@ -13,8 +13,10 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/mos .
-export PYTHONPATH=/tmp/mos${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# the project as the `mos` namespace without building it (no setuptools needed there)
+mkdir -p /tmp/mospath/mos
+for part in common client server proto; do ln -sfn "$PWD/$part" "/tmp/mospath/mos/$part"; done
+export PYTHONPATH=/tmp/mospath${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.csv" 2>&1 || true
 python3 -c 'import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)' | tee "$OUT/versions.txt"
 STEPS=${STEPS:-60}
