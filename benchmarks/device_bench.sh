@@ -5,7 +5,8 @@
 # On this workplace's device machines nothing can be downloaded: first run
 #   bash benchmarks/fetch_wheels.sh            # here, once: pure-Python wheels into .whl/
 # and pass .whl in the run's carry list. Set STEPS (default 60) and FULL=1 to also time a
-# whole 1000-step ED-LoRA run (the "1000 steps in under 4 minutes" target).
+# whole 1000-step ED-LoRA run (the "1000 steps in under 4 minutes" target); QUICK=1 is a
+# dry run of the script itself on the tiny model (any machine, about a minute).
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -20,6 +21,11 @@ export PYTHONPATH=/tmp/mospath${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHO
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.csv" 2>&1 || true
 python3 -c 'import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)' | tee "$OUT/versions.txt"
 STEPS=${STEPS:-60}
+if [ "${QUICK:-0}" = 1 ]; then  # a dry run of this script on any machine: tiny model only
+    python3 benchmarks/bench_edlora.py --model tiny --steps 20 --out "$OUT/edlora-tiny.json" | tee "$OUT/edlora-tiny.md"
+    python3 benchmarks/bench_fusion.py --model tiny --n 3 --reference-n 3 --out "$OUT/fusion-tiny.json" | tee "$OUT/fusion-tiny.md"
+    exit 0
+fi
 python3 benchmarks/bench_edlora.py --model sd15 --resolution 512 --batch-size 2 --steps "$STEPS" \
     --warmup 10 --out "$OUT/edlora-sd15-512-b2.json" | tee "$OUT/edlora-sd15-512-b2.md"
 python3 benchmarks/bench_edlora.py --model tiny --steps 200 --out "$OUT/edlora-tiny.json" | tee "$OUT/edlora-tiny.md"
