@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .base import BaseModel
 from .concepts import Concept, ConceptError
+from .edlora import add_concept_tokens, write_embeddings
 from .files import atomic_write
 from .lora import inject_lora, load_lora_state_dict, target_linear_names
 
@@ -232,8 +233,6 @@ def attach_package(base: BaseModel, package: ConceptPackage, concepts) -> None:
     ``concepts`` (a ``ConceptTable``) gets the concept. The base's UNet and text encoder
     carry the package's adapters afterwards (``lora.remove_lora`` takes them off).
     """
-    from .edlora import add_concept_tokens, write_embeddings
-
     package.check_against(base)
     add_concept_tokens(base, package.concept)
     write_embeddings(base, package.concept, package.embeddings)

@@ -11,7 +11,7 @@ Stages, in the paper's order (each later stage sees the already fused earlier on
    "photo of a TOK" (DPM-Solver, ``steps`` steps, no guidance) and every step's inputs are
    recorded.
 
-Each stage is solved per layer with ``solve.fused_factors`` (exact, from Grams) or
+Each stage is solved per layer with ``solve.solve_downs`` (exact, from Grams) or
 ``solve.lbfgs_reference`` (the authors' solver, on raw features). Layers whose inputs are the
 same tensor share one Gram matrix (q/k/v of self-attention; k/v of cross-attention).
 
@@ -267,23 +267,23 @@ class FusionEngine:
             )
         return rec
 
+    def concept_prompt_features(self, name: str, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoding of the concept's prompts ``[P, L, tokens, dim]`` with the adapters
+        as set, and the ``[P, tokens]`` mask of the positions ``which`` selects (``kv_positions``)."""
+        concept = self.packages[name].concept
+        prompts = self.prompts_of(name)
+        tok = self.base.tokenizer
+        hidden = encode_prompts(self.base.text_encoder, tok, prompts, self.table, self.num_layers)
+        ids = tokenize(tok, [self.table.expand(p, self.num_layers)[0] for p in prompts])
+        concept_ids = torch.tensor(tok.convert_tokens_to_ids(concept.all_tokens()))
+        positions = kv_positions(ids, concept_ids, tok.eos_token_id, which)
+        return hidden, positions.to(hidden.device)
+
     @torch.no_grad()
     def record_kv(self, name: str, text: Factors | None) -> GramRecorder:
         """Stage 3: text-encoder outputs at the concept's token positions, per layer copy."""
         self.apply(text if text is not None else self.concept_factors(name), ("text",))
-        concept = self.packages[name].concept
-        prompts = self.prompts_of(name)
-        hidden = encode_prompts(
-            self.base.text_encoder, self.base.tokenizer, prompts, self.table, self.num_layers
-        )
-        ids = tokenize(
-            self.base.tokenizer, [self.table.expand(p, self.num_layers)[0] for p in prompts]
-        )
-        concept_ids = torch.tensor(self.base.tokenizer.convert_tokens_to_ids(concept.all_tokens()))
-        positions = kv_positions(
-            ids, concept_ids, self.base.tokenizer.eos_token_id, self.config.kv_positions
-        )
-        positions = positions.to(hidden.device)  # [P, 77]
+        hidden, positions = self.concept_prompt_features(name, self.config.kv_positions)
         rec = self._recorder("kv")
         for layer, (attn_name, _) in enumerate(cross_attention_layers(self.base.unet)):
             rec.add(f"unet.{attn_name}.kv", hidden[:, layer][positions])

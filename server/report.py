@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..common.attention import layerwise_cross_attention
-from ..common.concepts import encode_prompts, tokenize
+from ..common.concepts import encode_prompts
 from ..common.images import image_grid
 from ..common.pipeline import MixOfShowPipeline
 from .fusion import FusionEngine, FusionResult
@@ -86,16 +86,7 @@ def noise_predictions(
 
 @torch.no_grad()
 def _text_at_concept(engine: FusionEngine, name: str) -> torch.Tensor:
-    base = engine.base
-    prompts = engine.prompts_of(name)
-    hidden = encode_prompts(
-        base.text_encoder, base.tokenizer, prompts, engine.table, engine.num_layers
-    )
-    ids = tokenize(base.tokenizer, [engine.table.expand(p, engine.num_layers)[0] for p in prompts])
-    concept_ids = torch.tensor(
-        base.tokenizer.convert_tokens_to_ids(engine.packages[name].concept.all_tokens())
-    )
-    positions = torch.isin(ids, concept_ids).to(hidden.device)
+    hidden, positions = engine.concept_prompt_features(name, "concept")
     return hidden.permute(0, 2, 1, 3)[positions].double()  # [positions, L, dim]
 
 

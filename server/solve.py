@@ -149,20 +149,6 @@ def objective(
     return objective_from_stats(delta_up, delta_down, total, ups, downs, crosses)
 
 
-def objective_dense(
-    delta: torch.Tensor,
-    grams: Sequence[torch.Tensor],
-    ups: Sequence[torch.Tensor],
-    downs: Sequence[torch.Tensor],
-) -> float:
-    """``objective`` for a dense update ``delta`` ``[out, in]`` (e.g. the L-BFGS result)."""
-    total = 0.0
-    for g, b, a in zip(grams, ups, downs, strict=True):
-        m = delta.to(g.dtype) - b.to(g.dtype) @ a.to(g.dtype)
-        total += float(torch.trace(m @ g @ m.T))
-    return total
-
-
 def lbfgs_reference(
     features: Sequence[torch.Tensor],
     ups: Sequence[torch.Tensor],

@@ -1,5 +1,6 @@
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,25 @@ from mos.server.solve import (
     gram,
     lbfgs_reference,
     objective,
-    objective_dense,
     solve_downs,
     weight_fusion_factors,
 )
 
 # --- pure math ---------------------------------------------------------------------------
+
+
+def objective_dense(
+    delta: torch.Tensor,
+    grams: Sequence[torch.Tensor],
+    ups: Sequence[torch.Tensor],
+    downs: Sequence[torch.Tensor],
+) -> float:
+    """Brute force: the objective of a dense update ``delta`` ``[out, in]``."""
+    total = 0.0
+    for g, b, a in zip(grams, ups, downs, strict=True):
+        m = delta.to(g.dtype) - b.to(g.dtype) @ a.to(g.dtype)
+        total += float(torch.trace(m @ g @ m.T))
+    return total
 
 
 def _problem(seed=0, n=3, d_in=10, d_out=7, r=2, rows=40):
