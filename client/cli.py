@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from ..common.base import TINY, BaseModel, BaseModelError, load_base_model
-from ..common.cli import UsageError, config_from, run_command
+from ..common.cli import UsageError, config_from, default_class_word, resolve_device, run_command
 from ..common.concepts import ConceptError, parse_concept_name
 from ..common.config import TrainConfig
 from ..common.edlora import class_word_id
@@ -45,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", required=True, help="concept name, e.g. '<dog1>' or dog1")
     p.add_argument("--class-word", help="one-token class word (default: the name without digits)")
     p.add_argument(
-        "--base-model", default=TINY, help="tiny | diffusers folder | .safetensors | hub id"
+        "--base-model",
+        help="tiny | diffusers folder | .safetensors | hub id (local default: tiny; with "
+        "--superlink: the server's)",
     )
     p.add_argument(
         "--base-config", help="local diffusers folder with the configs of a single-file checkpoint"
@@ -70,23 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-samples", action="store_true", help="skip the validation sample grid")
     p.add_argument("--sample-steps", type=int, default=25, help="sampler steps for the grid")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    fed = p.add_argument_group(
+        "federation (with --superlink the server sets the training options above)"
+    )
+    fed.add_argument("--superlink", metavar="HOST:PORT", help="join this server's federation")
+    fed.add_argument("--root-certificates", type=Path, help="CA certificate of a TLS SuperLink")
+    fed.add_argument("--insecure", action="store_true", help="the SuperLink has no TLS")
+    fed.add_argument(
+        "--auth-private-key", type=Path, help="this SuperNode's private key (authentication)"
+    )
+    fed.add_argument(
+        "--model-dir", type=Path, help="where fused models are stored (default ./<name>-model)"
+    )
+    fed.add_argument(
+        "--max-wait", type=float, default=600, help="seconds to keep retrying the SuperLink"
+    )
+    fed.add_argument("--stay", action="store_true", help="keep serving after the final round")
+    fed.add_argument("--clientappio-port", type=int, help="local port for Flower (default: free)")
+    fed.add_argument("--test-fault", help=argparse.SUPPRESS)  # fault injection for tests
     return p
-
-
-def default_class_word(name: str) -> str:
-    return re.sub(r"[\d_-]+$", "", name)
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise UsageError(f"--device {spec!r}: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: no CUDA GPU is available here (use --device cpu)")
-    return device
 
 
 def resolve_class_word(base: BaseModel, name: str, given: str | None) -> str:
@@ -102,6 +105,12 @@ def resolve_class_word(base: BaseModel, name: str, given: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> Path:
+    if args.superlink:
+        from .join import run_supernode
+
+        args.base_model_for_node = args.base_model
+        return run_supernode(args)
+    args.base_model = args.base_model or TINY
     try:
         name = parse_concept_name(args.concept)
     except ConceptError as err:

@@ -1,21 +1,24 @@
 """``mos-demo``: the README's main command, end to end on the built-in tiny model.
 
-It draws a few "photos" of two made-up concepts (a smiling sprite with a red hat; a blue
-ring), tunes each with ``mos-client`` exactly as two users would, then fuses both packages
-with ``mos-fuse``. In ``--out``: each concept's package, sample grid and loss curve, and
-``fused/`` with the fused model and its fusion report.
+It draws a few "photos" of three made-up concepts (a smiling face with a red hat, a blue
+ring, a green star), one folder per client, and runs the federation on them with Flower's
+simulation engine (``mos-simulate``): each virtual client tunes its concept with ED-LoRA and
+uploads only its package; the server fuses them and sends the fused model back. In
+``--out``: ``server/`` (registry, ``models/v1`` with the fused model and its fidelity report)
+and ``clients/<name>/`` (each client's package and its copy of the fused model).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from . import cli
+from .client_app import CLIENT_FILE
 
 
 def draw_sprite_photo(rng: random.Random, size: int = 96) -> Image.Image:
@@ -64,43 +67,69 @@ def write_demo_photos(
     return paths
 
 
-DEMO_CONCEPTS = (("smiley1", "face", draw_sprite_photo), ("ring2", "toy", draw_ring_photo))
+def draw_star_photo(rng: random.Random, size: int = 96) -> Image.Image:
+    """One photo of the third demo concept: a green five-pointed star with a purple rim."""
+    import math
+
+    img = Image.new("RGB", (size, size), tuple(rng.randint(150, 255) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    points = [
+        (
+            cx + (r if k % 2 == 0 else r * 0.45) * math.sin(math.pi * k / 5),
+            cy - (r if k % 2 == 0 else r * 0.45) * math.cos(math.pi * k / 5),
+        )
+        for k in range(10)
+    ]
+    d.polygon(points, fill=(30, 170, 60), outline=(120, 30, 150), width=max(1, r // 6))
+    return img
+
+
+DEMO_CONCEPTS = (
+    ("smiley1", "face", draw_sprite_photo),
+    ("ring2", "toy", draw_ring_photo),
+    ("star3", "star", draw_star_photo),
+)
+
+
+def write_client_folders(root: Path, count: int = 6, size: int = 96) -> list[Path]:
+    """One photo folder per demo client, each with its ``.mos-client.json``."""
+    folders = []
+    for i, (name, class_word, draw) in enumerate(DEMO_CONCEPTS):
+        folder = root / name
+        write_demo_photos(folder, count=count, seed=i, size=size, draw=draw)
+        (folder / CLIENT_FILE).write_text(json.dumps({"concept": name, "class_word": class_word}))
+        folders.append(folder)
+    return folders
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..server import cli as fuse_cli
+    from ..server.launch import simulate_main
 
     p = argparse.ArgumentParser(prog="mos-demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo-out"))
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="ED-LoRA steps on each client")
+    p.add_argument("--clients", type=int, default=3, choices=(1, 2, 3))
     args = p.parse_args(argv)
-    packages = []
-    for name, class_word, draw in DEMO_CONCEPTS:
-        photos = args.out / "photos" / name
-        write_demo_photos(photos, draw=draw)
-        print(f"mos-demo: wrote demo photos of <{name}> to {photos}")
-        package = args.out / f"{name}.safetensors"
-        options = ["--class-word", class_word, "--steps", str(args.steps), "--batch-size", "4"]
-        code = cli.main(
-            [
-                "--data",
-                str(photos),
-                "--concept",
-                f"<{name}>",
-                *options,
-                "--out",
-                str(package),
-                "--force",
-            ]
-        )
-        if code:
-            return code
-        packages.append(str(package))
-    code = fuse_cli.main(["--concepts", *packages, "--out", str(args.out / "fused"), "--force"])
+    folders = write_client_folders(args.out / "photos")
+    print(f"mos-demo: wrote the photos of {len(folders)} clients to {args.out / 'photos'}")
+    code = simulate_main(
+        [
+            "--clients",
+            str(args.clients),
+            "--data-root",
+            str(args.out / "photos"),
+            "--out",
+            str(args.out),
+            "--steps",
+            str(args.steps),
+        ]
+    )
     if code == 0:
         print(
-            f"mos-demo: done. Look at {args.out}/*.samples.png (each concept), "
-            f"{args.out}/fused/fusion_report.md and .png (the fused model)"
+            f"mos-demo: done. The fused model and its report: {args.out}/server/models/; "
+            f"each client's copy: {args.out}/clients/<name>/fused/"
         )
     return code
 

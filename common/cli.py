@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 from pydantic import BaseModel, ValidationError
 
 Config = TypeVar("Config", bound=BaseModel)
@@ -50,3 +52,31 @@ def run_command(
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     return 0
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> the first CUDA GPU if there is one, else the CPU; checks explicit ones."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise UsageError(f"--device {spec!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: no CUDA GPU is available here (use --device cpu)")
+    return device
+
+
+def default_class_word(name: str) -> str:
+    """``dog1`` -> ``dog``: the concept name without its trailing digits."""
+    return re.sub(r"[\d_-]+$", "", name)
+
+
+def setup_logging() -> None:
+    """Our log lines on stderr inside Flower's app processes (which configure only theirs)."""
+    root = logging.getLogger("mos")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ..client.cli import resolve_device
 from ..common.base import TINY, BaseModelError, load_base_model
-from ..common.cli import UsageError, config_from, run_command
+from ..common.cli import UsageError, config_from, resolve_device, run_command
 from ..common.concepts import ConceptError
+from ..common.fused import FusedModel, save_fused_folder
 from ..common.package import ConceptPackage, PackageError
-from .fused import FusedModel, save_fused_folder
 from .fusion import FusionConfig, FusionEngine
 from .report import fidelity, sample_grid, write_report
 

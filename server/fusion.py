@@ -204,6 +204,37 @@ class FusionEngine:
     def names(self) -> list[str]:
         return list(self.packages)
 
+    def statistics(self, name: str) -> dict[str, torch.Tensor]:
+        """A concept's recorded Gram matrices (independent mode), as ``{"part|group": G}``.
+
+        Empty until the concept has been fused once. ``load_statistics`` puts them back, so
+        a restarted server re-solves without sampling the concept again.
+        """
+        return {
+            f"{part}|{key}": g
+            for part, grams in self._cache.get(name, {}).items()
+            for key, g in grams.items()
+        }
+
+    def load_statistics(self, name: str, stats: dict[str, torch.Tensor]) -> None:
+        """Reuse statistics saved by ``statistics`` (independent mode only; checked)."""
+        if self.config.mode != "independent":
+            return
+        if name not in self.packages:
+            raise PackageError(f"statistics for unknown concept {name}")
+        cache: dict[str, dict[str, torch.Tensor]] = {}
+        for flat, g in stats.items():
+            part, _, key = flat.partition("|")
+            group = self.groups.get(key)
+            if group is None or group.part != part:
+                raise PackageError(f"statistics of {name}: unknown layer group {flat}")
+            cache.setdefault(part, {})[key] = g
+        for part in PARTS:
+            want = {k for k, g in self.groups.items() if g.part == part}
+            if part in cache and set(cache[part]) != want:
+                raise PackageError(f"statistics of {name}: stage {part} is incomplete")
+        self._cache[name] = cache
+
     # --- model states -----------------------------------------------------------------
     def concept_factors(self, name: str) -> Factors:
         lora = self.packages[name].lora

@@ -11,10 +11,10 @@ from mos.client.data import load_photo_folder
 from mos.client.trainer import train_concept
 from mos.common.base import build_tiny
 from mos.common.config import TrainConfig
+from mos.common.fused import FusedModel, load_fused_folder
 from mos.common.package import ConceptPackage
 from mos.common.pipeline import MixOfShowPipeline
 from mos.server.cli import main as fuse_main
-from mos.server.fused import FusedModel, load_fused_folder
 from mos.server.fusion import FusionConfig, FusionEngine
 from mos.server.recorder import GramRecorder
 from mos.server.report import fidelity, noise_predictions, trajectory

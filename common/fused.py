@@ -22,12 +22,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..common.base import BaseModel, load_base_model
-from ..common.concepts import Concept, ConceptTable
-from ..common.edlora import add_concept_tokens, write_embeddings
-from ..common.files import atomic_write
-from ..common.lora import inject_lora, remove_lora
-from ..common.package import ConceptPackage, PackageError
+from .base import BaseModel, load_base_model
+from .concepts import Concept, ConceptError, ConceptTable
+from .edlora import add_concept_tokens, write_embeddings
+from .files import atomic_write
+from .lora import inject_lora, remove_lora, target_linear_names
+from .package import ConceptPackage, PackageError
 
 FUSED_FORMAT = "mix-of-show/fused"
 FUSED_VERSION = 1
@@ -92,15 +92,20 @@ class FusedModel:
             ],
         }
 
-    def save_compact(self, path: str | Path) -> Path:
-        """Write the compact form atomically (fp32 factors and embeddings)."""
-        path = Path(path)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The compact form's tensors: fp32 factors and embeddings, on the CPU."""
         tensors: dict[str, torch.Tensor] = {}
         for key, (up, down) in self.factors.items():
             tensors[f"{key}.lora_B.weight"] = up.detach().float().cpu().contiguous()
             tensors[f"{key}.lora_A.weight"] = down.detach().float().cpu().contiguous()
         for name, emb in self.embeddings.items():
             tensors[f"embeddings.{name}"] = emb.detach().float().cpu().contiguous()
+        return tensors
+
+    def save_compact(self, path: str | Path) -> Path:
+        """Write the compact form atomically (fp32 factors and embeddings)."""
+        path = Path(path)
+        tensors = self.tensors()
         meta = {
             "format": FUSED_FORMAT,
             "format_version": str(FUSED_VERSION),
@@ -120,22 +125,42 @@ class FusedModel:
             raise PackageError(f"{path}: not a readable fused model ({err})") from err
         if meta.get("format") != FUSED_FORMAT or meta.get("format_version") != str(FUSED_VERSION):
             raise PackageError(f"{path}: not a version-{FUSED_VERSION} fused model")
-        table = json.loads(meta["table"])
+        try:
+            table = json.loads(meta["table"])
+        except (KeyError, ValueError) as err:
+            raise PackageError(f"{path}: bad concept table ({err})") from err
+        return cls.from_tensors(tensors, table, origin=str(path))
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], table: dict, origin: str = "fused model"
+    ) -> FusedModel:
+        """Rebuild from the compact tensors and the concept table, checking that they agree."""
+        if table.get("format") != FUSED_FORMAT or table.get("format_version") != FUSED_VERSION:
+            raise PackageError(f"{origin}: not a version-{FUSED_VERSION} fused model")
         for key, t in tensors.items():
             if not bool(torch.isfinite(t).all()):
-                raise PackageError(f"{path}: tensor {key} has NaN or infinite values")
-        concepts = [_concept_from(d) for d in table["concepts"]]
-        factors = {}
-        for key in tensors:
-            if key.endswith(".lora_A.weight"):
-                layer = key[: -len(".lora_A.weight")]
-                factors[layer] = (tensors[f"{layer}.lora_B.weight"], tensors[key])
+                raise PackageError(f"{origin}: tensor {key} has NaN or infinite values")
+        try:
+            concepts = [_concept_from(d) for d in table["concepts"]]
+            embeddings = {c.name: tensors[f"embeddings.{c.name}"] for c in concepts}
+            factors = {}
+            for key in tensors:
+                if key.endswith(".lora_A.weight"):
+                    layer = key[: -len(".lora_A.weight")]
+                    up, down = tensors[f"{layer}.lora_B.weight"], tensors[key]
+                    if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+                        raise PackageError(f"{origin}: {layer} factors do not multiply")
+                    factors[layer] = (up, down)
+            base_fingerprint = table["base_fingerprint"]
+        except (KeyError, ValueError, TypeError, ConceptError) as err:
+            raise PackageError(f"{origin}: bad fused model ({err!r})") from err
         return cls(
             strategy=table["strategy"],
             factors=factors,
             concepts=concepts,
-            embeddings={c.name: tensors[f"embeddings.{c.name}"] for c in concepts},
-            base_fingerprint=table["base_fingerprint"],
+            embeddings=embeddings,
+            base_fingerprint=base_fingerprint,
             base_source=table.get("base_source", ""),
             sources={d["name"]: d.get("source", "") for d in table["concepts"]},
         )
@@ -146,6 +171,16 @@ class FusedModel:
             raise PackageError(
                 f"this fused model was made for base {self.base_fingerprint[:12]} "
                 f"({self.base_source}); the given base is {base.fingerprint[:12]} ({base.source})"
+            )
+        missing = sorted(
+            f"{prefix}.{name}"
+            for prefix, model, targets in base.lora_components()
+            for name in target_linear_names(model, targets)
+            if f"{prefix}.{name}" not in self.factors
+        )
+        if missing:
+            raise PackageError(
+                f"this fused model lacks {len(missing)} layers of the base, e.g. {missing[:2]}"
             )
         table = ConceptTable()
         for c in self.concepts:

@@ -1,0 +1,122 @@
+"""``mos-client --superlink HOST:PORT``: join a federation as a Flower SuperNode.
+
+The photo folder and the concept name are checked here first; then a ``flower-supernode``
+starts with them in its node config (the ClientApp in ``client_app.py`` reads them). The
+command streams the SuperNode's log and ends by itself once the server's final round has
+delivered the fused model (``--stay`` keeps serving later rounds and runs), or when the
+SuperLink stays unreachable for ``--max-wait`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from ..common.cli import UsageError
+from ..common.concepts import ConceptError, parse_concept_name
+from ..common.federation import toml_value
+from ..common.processes import Managed, executable, flower_env, free_port
+from .client_app import DONE, LATEST
+from .data import load_photo_folder
+
+log = logging.getLogger("mos.client")
+
+
+def node_config(values: dict[str, str]) -> str:
+    """``--node-config`` text: space-separated ``key=value`` with TOML (JSON) strings."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items() if v != "")
+
+
+def run_supernode(args: argparse.Namespace) -> Path:
+    try:
+        name = parse_concept_name(args.concept)
+    except ConceptError as err:
+        raise UsageError(str(err)) from err
+    data = args.data.expanduser().resolve()
+    photos = load_photo_folder(data)  # fail now, not in the middle of a round
+    model_dir = (args.model_dir or Path(f"{name}-model")).expanduser().resolve()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / DONE).unlink(missing_ok=True)
+    if args.root_certificates is None and not args.insecure:
+        raise UsageError(
+            "pass --root-certificates CA.pem for a TLS SuperLink, or --insecure for one "
+            "without TLS (e.g. mos-server on this machine without certificates)"
+        )
+    for path in (args.root_certificates, args.auth_private_key):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    config = node_config(
+        {
+            "data": str(data),
+            "concept": name,
+            "class-word": args.class_word or "",
+            "model-dir": str(model_dir),
+            "base-model": args.base_model_for_node or "",
+            "base-config": args.base_config or "",
+            "device": args.device,
+            "test-fault": args.test_fault or "",
+        }
+    )
+    cmd = [
+        executable("flower-supernode"),
+        "--superlink",
+        args.superlink,
+        "--node-config",
+        config,
+        "--port",
+        str(args.clientappio_port or free_port()),
+        "--max-wait-time",
+        str(args.max_wait),
+    ]
+    if args.root_certificates is not None:
+        cmd += ["--root-certificates", str(args.root_certificates)]
+    else:
+        cmd.append("--insecure")
+    if args.auth_private_key is not None:
+        cmd += ["--auth-supernode-private-key", str(args.auth_private_key)]
+    log.info(
+        "joining %s as <%s> with %d photos; models go to %s",
+        args.superlink,
+        name,
+        len(photos),
+        model_dir,
+    )
+    node = Managed(cmd, flower_env(), cwd=model_dir)
+    sent: list[float] = []  # when the SuperNode reported each reply as sent
+    pump = threading.Thread(target=_pump, args=(node, sent), daemon=True)
+    pump.start()
+    done = model_dir / DONE
+    try:
+        while node.alive():
+            if done.exists() and not args.stay:
+                # the ClientApp writes DONE before its reply leaves: end once it has gone
+                written = done.stat().st_mtime
+                if any(t >= written for t in sent) or time.time() - written > 30:
+                    break
+            time.sleep(0.2)
+    finally:
+        rc = node.stop()
+    if (model_dir / DONE).exists():
+        latest = json.loads((model_dir / LATEST).read_text())
+        print(
+            f"fused model v{latest['version']} with {', '.join(latest['concepts'])}: "
+            f"{latest['file']}"
+        )
+        return Path(latest["file"])
+    raise UsageError(
+        f"the SuperNode ended (status {rc}) before a fused model arrived; is the server "
+        f"running at {args.superlink}?"
+    )
+
+
+def _pump(node: Managed, sent: list[float]) -> None:
+    assert node.proc.stdout is not None
+    for raw in node.proc.stdout:
+        line = raw.decode(errors="replace")
+        if "Sent successfully" in line:
+            sent.append(time.time())
+        print(line, end="", flush=True)

@@ -1,0 +1,357 @@
+"""``mos-server`` and ``mos-simulate``: start a SuperLink, submit the Flower app, stream
+progress, and end every process they started (also on Ctrl-C).
+
+    mos-server --strategy gradient-fusion --min-clients 2 --state-dir ./server-state
+    mos-simulate --clients 3 --data-root ./photos --out ./sim
+
+``mos-server`` runs the deployment engine: SuperNodes join with ``mos-client --superlink``.
+``mos-simulate`` runs the simulation engine (one virtual client per sub-folder of
+``--data-root``; needs the ``[sim]`` extra, i.e. ray). Both write a private Flower home
+(connection config, app bundle) into their state folder; nothing goes to ``~/.flwr``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..common.cli import UsageError, run_command
+from ..common.federation import (
+    RUN_CONFIG_DEFAULTS,
+    RunSettings,
+    SettingsError,
+    toml_value,
+    write_app_dir,
+)
+from ..common.processes import LaunchError, Managed, executable, flower_env, free_port
+
+log = logging.getLogger("mos.launch")
+CONNECTION = "mos"
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    """Options that become run-config values (the defaults are the app's)."""
+    d = RUN_CONFIG_DEFAULTS
+    p.add_argument(
+        "--strategy", choices=("gradient-fusion", "weight-fusion"), default=d["strategy"]
+    )
+    p.add_argument(
+        "--base-model", default=d["base-model"], help="tiny | folder | .safetensors | hub id"
+    )
+    p.add_argument("--base-config", default="", help="configs of a single-file checkpoint")
+    p.add_argument("--rounds", type=int, default=d["rounds"])
+    p.add_argument("--steps", type=int, default=d["steps"], help="ED-LoRA steps on each client")
+    p.add_argument("--resolution", type=int, default=0, help="training px (0: native)")
+    p.add_argument("--rank", type=int, default=d["rank"])
+    p.add_argument("--fusion-mode", choices=("independent", "sequential"), default=d["fusion-mode"])
+    p.add_argument("--fusion-steps", type=int, default=d["fusion-steps"])
+    p.add_argument("--round-timeout", type=float, default=d["round-timeout-s"], help="seconds")
+    p.add_argument("--device", default="auto", help="where the server fuses: auto | cpu | cuda")
+    p.add_argument("--no-report", action="store_true", help="skip the fidelity report")
+
+
+def _overrides(args: argparse.Namespace, state: Path, **more) -> dict:
+    values = {
+        "strategy": args.strategy,
+        "base-model": args.base_model,
+        "base-config": args.base_config,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "resolution": args.resolution,
+        "rank": args.rank,
+        "fusion-mode": args.fusion_mode,
+        "fusion-steps": args.fusion_steps,
+        "round-timeout-s": float(args.round_timeout),
+        "device": args.device,
+        "report": not args.no_report,
+        "state-dir": str(state),
+        **more,
+    }
+    try:
+        RunSettings.from_run_config({**RUN_CONFIG_DEFAULTS, **values})
+    except SettingsError as err:
+        raise UsageError(str(err)) from err
+    return values
+
+
+def _write_flower_home(home: Path, address: str, root_cert: Path | None) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
+    lines.append(f"address = {toml_value(address)}")
+    if root_cert:
+        lines.append(f"root-certificates = {toml_value(str(root_cert))}")
+    else:
+        lines.append("insecure = true")
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _write_run_config(path: Path, values: dict) -> Path:
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+    return path
+
+
+def _stream(proc: Managed, prefix: str = "") -> int:
+    """Copy a child's output to ours line by line until it ends; returns its status."""
+    assert proc.proc.stdout is not None
+    for raw in proc.proc.stdout:
+        sys.stdout.write(prefix + raw.decode(errors="replace"))
+        sys.stdout.flush()
+    return proc.proc.wait()
+
+
+def submit(app_dir: Path, home: Path, run_config: Path, extra: list[str] | None = None) -> Managed:
+    cmd = [executable("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config)]
+    return Managed([*cmd, *(extra or []), "--stream"], flower_env(home))
+
+
+def _result(state: Path, since: float) -> dict:
+    path = state / "result.json"
+    if not path.is_file() or path.stat().st_mtime < since:
+        raise LaunchError(f"the run ended without a result; see the log above and {state / 'logs'}")
+    return json.loads(path.read_text())
+
+
+def _summary(result: dict) -> None:
+    print(
+        f"\nfused model v{result['version']} with {len(result['concepts'])} concepts "
+        f"({', '.join(result['concepts'])}): {result['model']}"
+    )
+    for r in result["rounds"]:
+        print(
+            f"  round {r['round']}: accepted {r['accepted'] or '-'}, known {r['known'] or '-'}, "
+            f"rejected {len(r['rejected'])}, missing {len(r['missing'])}"
+        )
+        for rej in r["rejected"]:
+            print(f"    rejected: {rej['reason']}")
+
+
+# --- mos-server -------------------------------------------------------------------------
+def server_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mos-server",
+        description="Run the Mix-of-Show federation: a Flower SuperLink plus the fusion "
+        "ServerApp. Clients join with mos-client --superlink HOST:PORT.",
+    )
+    _settings_args(p)
+    p.add_argument("--min-clients", type=int, default=RUN_CONFIG_DEFAULTS["min-clients"])
+    p.add_argument(
+        "--wait-clients", type=float, default=300, help="seconds to wait for --min-clients"
+    )
+    p.add_argument("--state-dir", type=Path, default=Path("mos-server-state"))
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    p.add_argument("--port", type=int, default=9092)
+    tls = p.add_argument_group("TLS and SuperNode authentication")
+    tls.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM)")
+    tls.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
+    tls.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM)")
+    tls.add_argument(
+        "--enable-supernode-auth",
+        action="store_true",
+        help="accept only SuperNodes whose public key is registered",
+    )
+    tls.add_argument(
+        "--supernode-public-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="register this SuperNode public key (repeat per client)",
+    )
+    return p
+
+
+def run_server(args: argparse.Namespace) -> dict:
+    state = args.state_dir.expanduser().resolve()
+    certs = [args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile]
+    if any(certs) and not all(certs):
+        raise UsageError("TLS needs all of --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile")
+    for path in [*(c for c in certs if c), *args.supernode_public_key]:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    if args.supernode_public_key and not args.enable_supernode_auth:
+        raise UsageError("--supernode-public-key needs --enable-supernode-auth")
+    values = _overrides(
+        args,
+        state,
+        **{"min-clients": args.min_clients, "wait-clients-s": float(args.wait_clients)},
+    )
+    for sub in ("logs", "app"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    home = state / "flwr-home"
+    connect = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    _write_flower_home(home, f"{connect}:{args.port}", args.ssl_ca_certfile)
+    app_dir = write_app_dir(state / "app")
+    run_config = _write_run_config(state / "run-config.toml", values)
+
+    cmd = [
+        executable("flower-superlink"),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--database",
+        str(state / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    if all(certs):
+        cmd += ["--ssl-certfile", str(args.ssl_certfile), "--ssl-keyfile", str(args.ssl_keyfile)]
+        cmd += ["--ssl-ca-certfile", str(args.ssl_ca_certfile)]
+    else:
+        log.warning("no TLS certificates given: the SuperLink runs without TLS (--insecure)")
+        cmd.append("--insecure")
+    if args.enable_supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    started = time.time()
+    superlink = Managed(cmd, flower_env(home), state / "logs" / "superlink.log")
+    runner = None
+    try:
+        superlink.wait_for_port(connect, args.port)
+        print(
+            f"SuperLink on {args.host}:{args.port} (pid {superlink.pid}); clients join with:\n"
+            f"  mos-client --data DIR --concept '<name>' --superlink {connect}:{args.port}"
+            + ("" if all(certs) else " --insecure"),
+            flush=True,
+        )
+        for key in args.supernode_public_key:
+            reg = subprocess.run(
+                [executable("flwr"), "supernode", "register", str(key), CONNECTION],
+                env=flower_env(home),
+                capture_output=True,
+                text=True,
+            )
+            if reg.returncode:
+                raise LaunchError(f"registering {key} failed: {reg.stdout}{reg.stderr}")
+            log.info("registered SuperNode key %s", key)
+        runner = submit(app_dir, home, run_config)
+        rc = _stream(runner)
+        if rc:
+            raise LaunchError(f"flwr run failed (status {rc}); see the messages above")
+        result = _result(state, started)
+    finally:
+        if runner is not None:
+            runner.stop()
+        superlink.stop()
+    _summary(result)
+    return result
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    return run_command(
+        "mos-server",
+        server_parser(),
+        run_server,
+        (LaunchError,),
+        argv,
+        interrupted="interrupted; the SuperLink was stopped (the state folder stays usable)",
+    )
+
+
+# --- mos-simulate -----------------------------------------------------------------------
+def simulate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mos-simulate",
+        description="Run the federation on one machine with Flower's simulation engine: one "
+        "virtual client per sub-folder of --data-root (the folder name is the concept name).",
+    )
+    p.add_argument("--clients", type=int, required=True, help="number of virtual clients")
+    p.add_argument("--data-root", type=Path, required=True, help="one photo folder per client")
+    p.add_argument("--out", type=Path, default=Path("mos-sim"), help="server state and clients")
+    p.add_argument("--cpus-per-client", type=int, default=1)
+    p.add_argument("--gpus-per-client", type=float, default=0.0)
+    _settings_args(p)
+    return p
+
+
+def run_simulation(args: argparse.Namespace) -> dict:
+    root = args.data_root.expanduser().resolve()
+    if not root.is_dir():
+        raise UsageError(f"--data-root {root}: not a folder")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if args.clients < 1:
+        raise UsageError("--clients must be at least 1")
+    if len(folders) < args.clients:
+        raise UsageError(
+            f"--clients {args.clients}: {root} has only {len(folders)} client folders "
+            f"({', '.join(folders) or 'none'})"
+        )
+    if len(folders) > args.clients:
+        log.warning(
+            "using the first %d of %d folders: %s",
+            args.clients,
+            len(folders),
+            ", ".join(folders[: args.clients]),
+        )
+    try:
+        import ray  # noqa: F401
+    except ImportError as err:
+        raise UsageError(
+            "the simulation engine needs ray: pip install 'mix-of-show-flower[sim]'"
+        ) from err
+    out = args.out.expanduser().resolve()
+    state = out / "server"
+    values = _overrides(
+        args,
+        state,
+        **{
+            "min-clients": args.clients,
+            "wait-clients-s": 120.0,
+            "data-root": str(root),
+            "client-root": str(out / "clients"),
+        },
+    )
+    for sub in ("logs", "app"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    home = out / "flwr-home"
+    port = free_port()
+    _write_flower_home(home, f"127.0.0.1:{port}", None)
+    app_dir = write_app_dir(state / "app")
+    run_config = _write_run_config(state / "run-config.toml", values)
+    cmd = [
+        executable("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    started = time.time()
+    superlink = Managed(cmd, flower_env(home), state / "logs" / "superlink.log")
+    runner = None
+    federation = [
+        f"num-supernodes={args.clients}",
+        f"client-resources-num-cpus={args.cpus_per_client}",
+        f"client-resources-num-gpus={args.gpus_per_client}",
+    ]
+    try:
+        superlink.wait_for_port("127.0.0.1", port)
+        log.info("simulation SuperLink on 127.0.0.1:%d (pid %d)", port, superlink.pid)
+        extra = [x for f in federation for x in ("--federation-config", f)]
+        runner = submit(app_dir, home, run_config, extra)
+        rc = _stream(runner)
+        if rc:
+            raise LaunchError(f"flwr run failed (status {rc}); see the messages above")
+        result = _result(state, started)
+    finally:
+        if runner is not None:
+            runner.stop()
+        superlink.stop()
+    _summary(result)
+    print(f"client model folders: {out / 'clients'}")
+    return result
+
+
+def simulate_main(argv: list[str] | None = None) -> int:
+    return run_command(
+        "mos-simulate",
+        simulate_parser(),
+        run_simulation,
+        (LaunchError,),
+        argv,
+        interrupted="interrupted; the simulation SuperLink was stopped",
+    )

@@ -1,0 +1,89 @@
+"""The Flower ServerApp (``[tool.flwr.app.components] serverapp``).
+
+Reads the run config, loads the base on the server's GPU when there is one, opens the
+registry in ``state-dir``, fuses anything received before a restart, then runs the rounds
+with the chosen strategy (``server/strategy.py``). It ends by writing
+``<state-dir>/result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..common.base import load_base_model
+from ..common.cli import resolve_device, setup_logging
+from ..common.federation import RunSettings
+from ..common.files import atomic_write
+from .fusion import FusionConfig
+from .registry import Registry
+from .strategy import STRATEGIES
+
+log = logging.getLogger("mos.server")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    setup_logging()
+    settings = RunSettings.from_run_config(context.run_config)
+    run(grid, settings)
+
+
+def run(grid: Grid, settings: RunSettings) -> dict:
+    device = resolve_device(settings.device)
+    base = load_base_model(settings.base_model, config=settings.base_config or None).to(device)
+    state = settings.state_path()
+    registry = Registry.open(state, base)
+    fusion = FusionConfig(
+        mode=settings.fusion_mode,
+        steps=settings.fusion_steps,
+        resolution=settings.fusion_resolution or None,
+        seed=settings.seed,
+    )
+    strategy = STRATEGIES[settings.strategy](
+        base,
+        registry,
+        settings.train_config(),
+        fusion,
+        min_clients=settings.min_clients,
+        wait_clients_s=settings.wait_clients_s,
+        max_package_bytes=settings.max_package_bytes,
+        report=settings.report,
+    )
+    log.info(
+        "server: base %s (%s) on %s; state in %s", base.source, base.fingerprint[:12], device, state
+    )
+    start = time.perf_counter()
+    initial = strategy.resume()
+    strategy.start(
+        grid,
+        initial_arrays=initial,
+        num_rounds=settings.rounds,
+        timeout=settings.round_timeout_s,
+        evaluate_config=ConfigRecord({"final-round": settings.rounds}),
+    )
+    latest = registry.latest()
+    result = {
+        "strategy": settings.strategy,
+        "rounds": strategy.rounds,
+        "seconds": time.perf_counter() - start,
+        "version": latest.version if latest else None,
+        "concepts": latest.concepts if latest else [],
+        "model": str(state / latest.path) if latest else None,
+    }
+    text = json.dumps(result, indent=2, default=str)
+    atomic_write(state / "result.json", lambda tmp: Path(tmp).write_text(text))
+    log.info(
+        "done: fused model v%s with %d concepts in %s",
+        result["version"],
+        len(result["concepts"]),
+        result["model"],
+    )
+    return result

@@ -1,0 +1,398 @@
+"""The Flower strategies: ``gradient-fusion`` and ``weight-fusion``.
+
+One round of ``Strategy.start`` (Flower's own loop) is, for us:
+
+1. ``configure_train``: wait for ``min_clients`` SuperNodes, send each the training config,
+   the base fingerprint and the concepts already registered (a client whose package is
+   registered does not retrain);
+2. ``aggregate_train``: validate every reply (size limit, dtypes, digest, fingerprint,
+   shapes, finite values, name clashes); a bad reply is rejected with a logged reason and
+   the round goes on with the others. Accepted packages go to the registry on disk, then
+   everything registered is fused (incrementally: only new concepts are sampled in the
+   independent mode) and published as the next version;
+3. ``configure_evaluate``: send the fused model (compact form + digest) to every node;
+4. ``aggregate_evaluate``: collect each client's private fidelity number.
+
+Stock ``FedAvg`` cannot do this: it averages arrays with the same keys, while every concept
+package is different. The two strategies differ only in how they fuse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import ClassVar
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..common import federation as fed
+from ..common.base import BaseModel
+from ..common.config import TrainConfig
+from ..common.fused import FusedModel
+from ..common.package import ConceptPackage, PackageError
+from ..common.wire import fused_to_records, package_from_records
+from .fusion import FusionConfig, FusionEngine, FusionResult
+from .registry import Registry
+
+log = logging.getLogger("mos.server")
+
+
+class NotEnoughClients(RuntimeError):
+    """Fewer SuperNodes than ``min_clients`` connected in time."""
+
+
+class ConceptFusionStrategy(Strategy):
+    """Collect concept packages, fuse them into one model, send it back (module docstring)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        registry: Registry,
+        train_config: TrainConfig,
+        fusion_config: FusionConfig,
+        *,
+        min_clients: int = 2,
+        wait_clients_s: float = 300.0,
+        max_package_bytes: int = 64 << 20,
+        report: bool = True,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.base = base
+        self.registry = registry
+        self.train_config = train_config
+        self.fusion_config = fusion_config
+        self.min_clients = min_clients
+        self.wait_clients_s = wait_clients_s
+        self.max_package_bytes = max_package_bytes
+        self.report = report
+        self.poll_s = poll_s
+        self.engine: FusionEngine | None = None
+        self.current: tuple[int, ArrayRecord, ConfigRecord] | None = None
+        self.sent_train: set[int] = set()
+        self.sent_eval: set[int] = set()
+        self.rounds: list[dict] = []
+
+    # --- fusion ----------------------------------------------------------------------
+    def fuse(self, engine: FusionEngine) -> FusionResult:
+        raise NotImplementedError
+
+    def _engine(self) -> FusionEngine:
+        """The engine with every registered concept (statistics reloaded where kept)."""
+        if self.engine is None:
+            self.engine = FusionEngine(self.base, [], self.fusion_config)
+        for name, entry in self.registry.entries.items():
+            if name not in self.engine.packages:
+                self.engine.add(self.registry.package(name), entry.origin or entry.token)
+                stats = self.registry.load_stats(name)
+                if stats:
+                    self.engine.load_statistics(name, stats)
+        return self.engine
+
+    def fuse_registered(self) -> int:
+        """Fuse everything registered, publish the next version, return its number."""
+        engine = self._engine()
+        names = engine.names
+        log.info("fusing %d concepts (%s, %s mode)", len(names), self.name, engine.config.mode)
+        start = time.perf_counter()
+        result = self.fuse(engine)
+        seconds = time.perf_counter() - start
+        for name in names:
+            if not self.registry.stats_path(name).is_file():
+                self.registry.save_stats(name, engine.statistics(name))
+        report = grid = None
+        if self.report:
+            from .report import fidelity, sample_grid
+
+            other = (
+                engine.weight_fusion() if result.strategy == "gradient-fusion" else engine.fuse()
+            )
+            report = fidelity(engine, [result, other])
+            report.update(
+                strategy=result.strategy,
+                config=engine.config.model_dump(),
+                timings={**result.timings, "total_fusion_s": seconds},
+                objective=result.objective,
+                base={"source": self.base.source, "fingerprint": self.base.fingerprint},
+            )
+            grid = sample_grid(engine, [result, other])
+        packages = [engine.packages[n] for n in names]
+        fused = FusedModel.from_packages(result.strategy, result.factors, packages, engine.sources)
+        mv = self.registry.publish(fused, report, grid)
+        arrays, meta = fused_to_records(fused, mv.version)
+        self.current = (mv.version, arrays, meta)
+        log.info(
+            "published fused model v%d with %s (%.1f s)", mv.version, ", ".join(names), seconds
+        )
+        return mv.version
+
+    def resume(self) -> ArrayRecord:
+        """On start: fuse packages received before a restart; return the current model."""
+        if self.registry.pending():
+            log.info(
+                "registry holds %d concepts not yet fused (%s): fusing them without retraining",
+                len(self.registry.pending()),
+                ", ".join(self.registry.pending()),
+            )
+            self.fuse_registered()
+        elif self.registry.latest() is not None:
+            mv = self.registry.latest()
+            fused = self.registry.load_model(mv)
+            arrays, meta = fused_to_records(fused, mv.version)
+            self.current = (mv.version, arrays, meta)
+            log.info("current fused model: v%d (%s)", mv.version, ", ".join(mv.concepts))
+        return self.current[1] if self.current else ArrayRecord()
+
+    # --- Flower strategy ----------------------------------------------------------------
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.wait_clients_s
+        nodes = sorted(grid.get_node_ids())
+        announced = -1
+        while len(nodes) < self.min_clients:
+            if len(nodes) != announced:
+                log.info("waiting for clients: %d of %d connected", len(nodes), self.min_clients)
+                announced = len(nodes)
+            if time.monotonic() > deadline:
+                raise NotEnoughClients(
+                    f"only {len(nodes)} of {self.min_clients} clients connected within "
+                    f"{self.wait_clients_s:.0f} s (start them with mos-client --superlink, or "
+                    "lower --min-clients)"
+                )
+            time.sleep(self.poll_s)
+            nodes = sorted(grid.get_node_ids())
+        return nodes
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self._wait_for_nodes(grid)
+        log.info("round %d: asking %d clients for their concept", server_round, len(nodes))
+        content = ConfigRecord(
+            {
+                **dict(config),
+                "round": server_round,
+                "train-config": self.train_config.model_dump_json(),
+                "base-fingerprint": self.base.fingerprint,
+                "base-source": self.base.source,
+                "registered": json.dumps(self.registry.registered()),
+            }
+        )
+        self.sent_train = set(nodes)
+        return [
+            Message(RecordDict({fed.TRAIN_CONFIG: content}), dst_node_id=n, message_type="train")
+            for n in nodes
+        ]
+
+    def _validate(self, reply: Message, taken: dict[str, int]) -> ConceptPackage:
+        content = reply.content
+        node = reply.metadata.src_node_id
+        origin = f"node {node}"
+        if fed.PACKAGE not in content.array_records or fed.MANIFEST not in content.config_records:
+            raise PackageError(f"{origin}: the reply has no concept package")
+        package = package_from_records(
+            content.array_records[fed.PACKAGE],
+            content.config_records[fed.MANIFEST],
+            self.max_package_bytes,
+            origin,
+        )
+        try:
+            package.check_against(self.base)
+        except PackageError as err:
+            raise PackageError(f"{origin}: {err}") from err
+        name = package.concept.name
+        if name in taken:
+            raise PackageError(
+                f"{origin}: concept {package.concept.token} also came from node {taken[name]} "
+                "in this round; both must use distinct names"
+            )
+        return package
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        record: dict = {"round": server_round, "accepted": [], "known": [], "rejected": []}
+        seen = {r.metadata.src_node_id for r in replies}
+        record["missing"] = sorted(self.sent_train - seen)
+        for node in record["missing"]:
+            log.warning("round %d: node %d sent no reply in time", server_round, node)
+        taken: dict[str, int] = {}
+        new_packages: list[tuple[ConceptPackage, int]] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = f"node {node}: failed ({reply.error.reason})"
+                log.warning("round %d: %s", server_round, reason)
+                record["rejected"].append({"node": node, "reason": reason})
+                continue
+            content = reply.content
+            if fed.REFUSAL in content.config_records:
+                reason = f"node {node} refused: {content.config_records[fed.REFUSAL]['reason']}"
+                log.warning("round %d: %s", server_round, reason)
+                record["rejected"].append({"node": node, "reason": reason})
+                continue
+            manifest = content.config_records.get(fed.MANIFEST)
+            if manifest is not None and manifest.get("status") == "registered":
+                name = str(manifest.get("concept", "")).strip("<>")
+                if name in self.registry.entries:
+                    record["known"].append(name)
+                    log.info("round %d: node %d: %s already registered", server_round, node, name)
+                    continue
+            try:
+                package = self._validate(reply, taken)
+                status = self.registry.check(package, f"node {node}")
+            except PackageError as err:
+                log.warning("round %d: rejected: %s", server_round, err)
+                record["rejected"].append({"node": node, "reason": str(err)})
+                continue
+            taken[package.concept.name] = node
+            if status == "known":
+                record["known"].append(package.concept.name)
+                continue
+            new_packages.append((package, node))
+        for package, node in new_packages:
+            self.registry.accept(package, f"node {node}", node, server_round)
+            record["accepted"].append(package.concept.name)
+            log.info(
+                "round %d: accepted %s from node %d", server_round, package.concept.token, node
+            )
+        metrics = {
+            "accepted": len(record["accepted"]),
+            "rejected": len(record["rejected"]),
+            "missing": len(record["missing"]),
+            "concepts": len(self.registry.entries),
+        }
+        arrays = None
+        if self.registry.pending():
+            start = time.perf_counter()
+            version = self.fuse_registered()
+            metrics["fusion_s"] = time.perf_counter() - start
+            record["version"] = version
+        elif self.current is None:
+            log.warning("round %d: nothing to fuse yet", server_round)
+        if self.current is not None:
+            arrays = self.current[1]
+            metrics["version"] = self.current[0]
+        record["metrics"] = metrics
+        self.rounds.append(record)
+        self.registry.log_round({"stage": "train", "time": time.time(), **record})
+        return arrays, MetricRecord(metrics)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.current is None:
+            return []
+        version, fused_arrays, meta = self.current
+        nodes = sorted(grid.get_node_ids())
+        self.sent_eval = set(nodes)
+        log.info(
+            "round %d: sending fused model v%d to %d clients", server_round, version, len(nodes)
+        )
+        meta = ConfigRecord({**dict(meta), **dict(config), "round": server_round})
+        return [
+            Message(
+                RecordDict({fed.FUSED: fused_arrays, fed.FUSED_META: meta}),
+                dst_node_id=n,
+                message_type="evaluate",
+            )
+            for n in nodes
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        clients = []
+        replies = list(replies)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning(
+                    "round %d: node %d did not store the model: %s",
+                    server_round,
+                    node,
+                    reply.error.reason,
+                )
+                continue
+            content = reply.content
+            if fed.REFUSAL in content.config_records:
+                log.warning(
+                    "round %d: node %d refused the model: %s",
+                    server_round,
+                    node,
+                    content.config_records[fed.REFUSAL]["reason"],
+                )
+                continue
+            m = dict(content.metric_records.get(fed.METRICS, MetricRecord()))
+            clients.append({"node": node, **m})
+            log.info(
+                "round %d: node %d stored v%s%s",
+                server_round,
+                node,
+                int(m.get("version", 0)),
+                (
+                    f"; own-photo loss fused/own {m['loss_ratio']:.4f}, "
+                    f"tuning gain kept {m['gain_kept']:.2f}"
+                )
+                if "loss_ratio" in m
+                else "",
+            )
+        missing = sorted(self.sent_eval - {r.metadata.src_node_id for r in replies})
+        self.registry.log_round(
+            {
+                "stage": "evaluate",
+                "round": server_round,
+                "time": time.time(),
+                "clients": clients,
+                "missing": missing,
+            }
+        )
+        if self.rounds:
+            self.rounds[-1]["clients"] = clients
+            self.rounds[-1]["missing_evaluate"] = missing
+        metrics: dict[str, float] = {"stored": float(len(clients))}
+        for key in ("loss_ratio", "gain_kept"):
+            values = [c[key] for c in clients if key in c]
+            if values:
+                metrics[f"{key}_mean"] = sum(values) / len(values)
+                metrics[f"{key}_worst"] = max(values) if key == "loss_ratio" else min(values)
+        return MetricRecord(metrics)
+
+    def summary(self) -> None:
+        log.info(
+            "%s: min %d clients, %d steps of %s training, fusion %s mode, state in %s",
+            self.name,
+            self.min_clients,
+            self.train_config.steps,
+            self.train_config.method,
+            self.fusion_config.mode,
+            self.registry.root,
+        )
+
+
+class GradientFusionStrategy(ConceptFusionStrategy):
+    """METHOD.md section 2: regress each layer onto every concept model's own features."""
+
+    name = "gradient-fusion"
+
+    def fuse(self, engine: FusionEngine) -> FusionResult:
+        return engine.fuse()
+
+
+class WeightFusionStrategy(ConceptFusionStrategy):
+    """The baseline: ``W0 + mean_i dW_i`` and the concatenated embeddings."""
+
+    name = "weight-fusion"
+
+    def fuse(self, engine: FusionEngine) -> FusionResult:
+        return engine.weight_fusion()
+
+
+STRATEGIES: dict[str, type[ConceptFusionStrategy]] = {
+    s.name: s for s in (GradientFusionStrategy, WeightFusionStrategy)
+}
