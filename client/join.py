@@ -3,8 +3,8 @@
 The photo folder and the concept name are checked here first; then a ``flower-supernode``
 starts with them in its node config (the ClientApp in ``client_app.py`` reads them). The
 command streams the SuperNode's log and ends by itself once the server's final round has
-delivered the fused model (``--stay`` keeps serving later rounds and runs), or when the
-SuperLink stays unreachable for ``--max-wait`` seconds.
+delivered the fused model and the server has closed (``--stay`` keeps serving later rounds
+and runs), or when the SuperLink stays unreachable for ``--max-wait`` seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -19,11 +20,12 @@ from pathlib import Path
 from ..common.cli import UsageError
 from ..common.concepts import ConceptError, parse_concept_name
 from ..common.federation import toml_value
-from ..common.processes import Managed, executable, flower_env, free_port
+from ..common.processes import Managed, executable, flower_env, free_port, port_open
 from .client_app import DONE, LATEST
 from .data import load_photo_folder
 
 log = logging.getLogger("mos.client")
+STAMPED = re.compile(r"^\d\d:\d\d:\d\d ")
 
 
 def node_config(values: dict[str, str]) -> str:
@@ -36,6 +38,9 @@ def run_supernode(args: argparse.Namespace) -> Path:
         name = parse_concept_name(args.concept)
     except ConceptError as err:
         raise UsageError(str(err)) from err
+    host, _, port = args.superlink.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--superlink {args.superlink!r}: expected HOST:PORT, e.g. 10.0.0.5:9092")
     data = args.data.expanduser().resolve()
     photos = load_photo_folder(data)  # fail now, not in the middle of a round
     model_dir = (args.model_dir or Path(f"{name}-model")).expanduser().resolve()
@@ -86,18 +91,21 @@ def run_supernode(args: argparse.Namespace) -> Path:
         model_dir,
     )
     node = Managed(cmd, flower_env(), cwd=model_dir)
-    sent: list[float] = []  # when the SuperNode reported each reply as sent
-    pump = threading.Thread(target=_pump, args=(node, sent), daemon=True)
+    pump = threading.Thread(target=_pump, args=(node,), daemon=True)
     pump.start()
     done = model_dir / DONE
     try:
         while node.alive():
             if done.exists() and not args.stay:
-                # the ClientApp writes DONE before its reply leaves: end once it has gone
-                written = done.stat().st_mtime
-                if any(t >= written for t in sent) or time.time() - written > 30:
+                # The ClientApp writes DONE before its reply leaves, and a SuperNode that
+                # leaves takes its unread replies with it: stay until the server has
+                # ended the federation (its SuperLink closes), or for at most 5 minutes.
+                if not port_open(host.strip("[]"), int(port)):
                     break
-            time.sleep(0.2)
+                if time.time() - done.stat().st_mtime > 300:
+                    log.warning("the server is still up 5 minutes after the final round; leaving")
+                    break
+            time.sleep(0.5)
     finally:
         rc = node.stop()
     if (model_dir / DONE).exists():
@@ -113,10 +121,9 @@ def run_supernode(args: argparse.Namespace) -> Path:
     )
 
 
-def _pump(node: Managed, sent: list[float]) -> None:
+def _pump(node: Managed) -> None:
     assert node.proc.stdout is not None
     for raw in node.proc.stdout:
         line = raw.decode(errors="replace")
-        if "Sent successfully" in line:
-            sent.append(time.time())
-        print(line, end="", flush=True)
+        stamp = "" if STAMPED.match(line) else time.strftime("%H:%M:%S ")  # Flower's lack one
+        print(stamp + line, end="", flush=True)

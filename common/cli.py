@@ -77,6 +77,8 @@ def setup_logging() -> None:
     root = logging.getLogger("mos")
     if not root.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
         root.addHandler(handler)
         root.setLevel(logging.INFO)

@@ -193,8 +193,6 @@ def run_server(args: argparse.Namespace) -> dict:
         args.host,
         "--port",
         str(args.port),
-        "--database",
-        str(state / "superlink.db"),
         "--disable-runtime-dependency-installation",
     ]
     if all(certs):

@@ -289,7 +289,10 @@ class ConceptFusionStrategy(Strategy):
         if self.current is None:
             return []
         version, fused_arrays, meta = self.current
-        nodes = sorted(grid.get_node_ids())
+        # every connected node, except those that went silent in this round's training
+        # (most likely gone; waiting for them again would only cost another timeout)
+        silent = set(self.rounds[-1]["missing"]) if self.rounds else set()
+        nodes = sorted(n for n in grid.get_node_ids() if n not in silent)
         self.sent_eval = set(nodes)
         log.info(
             "round %d: sending fused model v%d to %d clients", server_round, version, len(nodes)

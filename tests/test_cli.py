@@ -237,15 +237,3 @@ def test_real_loading_paths_from_the_command_line(tiny, photo_dir, tmp_path, cap
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = main([*common, "--base-model", str(ckpt), "--out", str(tmp_path / "c.safetensors")])
     assert code == 2 and "--base-config" in capsys.readouterr().err
-
-
-def test_the_readme_demo_runs_end_to_end(tmp_path):
-    from mos.client.demo import main as demo_main
-
-    assert demo_main(["--out", str(tmp_path), "--steps", "2"]) == 0
-    for name in ("smiley1", "ring2"):
-        assert ConceptPackage.load(tmp_path / f"{name}.safetensors").concept.name == name
-        assert (tmp_path / f"{name}.samples.png").is_file()
-    report = (tmp_path / "fused" / "fusion_report.md").read_text()
-    assert "<smiley1>" in report and "<ring2>" in report
-    assert (tmp_path / "fused" / "fusion_report.png").is_file()

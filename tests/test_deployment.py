@@ -1,0 +1,190 @@
+"""End to end with real processes on loopback: ``mos-server`` (a real ``flower-superlink``)
+and ``mos-client --superlink`` (real ``flower-supernode``s), and the simulation demo.
+
+The commands are called by absolute path with a ``PATH`` that lacks the venv, as from a
+venv that is not activated. Every process is ended by PID (and process group) in teardown;
+ports are chosen free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mos.client.demo import DEMO_CONCEPTS, write_demo_photos
+from mos.common.fused import FusedModel
+from mos.common.processes import Managed, free_port
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(
+    not (BIN / "flower-superlink").exists(), reason="Flower's commands are not installed"
+)
+
+
+def bare_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV",)}
+    env["PATH"] = "/usr/bin:/bin"
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # five processes share two cores in CI
+    return env
+
+
+@pytest.fixture
+def procs():
+    started: list[Managed] = []
+
+    def start(cmd: list[str], log: Path) -> Managed:
+        p = Managed([str(BIN / cmd[0]), *cmd[1:]], bare_env(), log)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop(timeout=5)
+
+
+def wait(proc: Managed, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while proc.alive():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{proc.cmd[0]} still running after {timeout} s:{proc._tail()}")
+        time.sleep(0.3)
+    return proc.proc.returncode
+
+
+def photo_folders(root: Path) -> dict[str, tuple[Path, str]]:
+    out = {}
+    draws = {n: (c, d) for n, c, d in DEMO_CONCEPTS}
+    for i, name in enumerate(("smiley1", "ring2", "star3", "face4", "ring5")):
+        class_word, draw = draws.get(name, (None, None)) or (None, None)
+        if draw is None:
+            _, class_word, draw = DEMO_CONCEPTS[i % 3]
+        folder = root / name
+        write_demo_photos(folder, count=2, seed=i, size=32, draw=draw)
+        out[name] = (folder, class_word)
+    return out
+
+
+def client_cmd(name, folders, port, tmp: Path, *extra) -> list[str]:
+    folder, class_word = folders[name]
+    return [
+        "mos-client",
+        "--data", str(folder),
+        "--concept", f"<{name}>",
+        "--class-word", class_word,
+        "--superlink", f"127.0.0.1:{port}",
+        "--insecure",
+        "--model-dir", str(tmp / "clients" / name),
+        "--max-wait", "60",
+        *extra,
+    ]  # fmt: skip
+
+
+def latest(tmp: Path, name: str) -> dict:
+    return json.loads((tmp / "clients" / name / "latest.json").read_text())
+
+
+def test_deployment_with_faults_then_a_restart_that_fuses_without_retraining(tmp_path, procs):
+    folders = photo_folders(tmp_path / "photos")
+    state = tmp_path / "server"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def server(min_clients: int, port: int, tag: str, *extra: str) -> Managed:
+        return procs(
+            [
+                "mos-server",
+                "--min-clients", str(min_clients),
+                "--steps", "4",
+                "--fusion-steps", "3",
+                "--state-dir", str(state),
+                "--port", str(port),
+                "--round-timeout", "40",
+                "--wait-clients", "120",
+                "--device", "cpu",
+                *extra,
+            ],
+            logs / f"server-{tag}.log",
+        )  # fmt: skip
+
+    # --- round 1: two good clients, one sending a corrupt package, one killed in training
+    port = free_port()
+    srv = server(4, port, "1")
+    srv.wait_for_port("127.0.0.1", port, timeout=60)
+    good = {
+        n: procs(client_cmd(n, folders, port, tmp_path), logs / f"{n}.log")
+        for n in ("smiley1", "ring2")
+    }
+    bad = procs(
+        client_cmd("star3", folders, port, tmp_path, "--test-fault", "corrupt-package"),
+        logs / "star3.log",
+    )
+    doomed = procs(client_cmd("face4", folders, port, tmp_path), logs / "face4.log")
+    deadline = time.monotonic() + 120
+    while "Receiving: train message" not in (logs / "face4.log").read_text(errors="replace"):
+        assert time.monotonic() < deadline, "face4 never got its training message"
+        time.sleep(0.1)
+    doomed.stop(timeout=1)  # killed while training: the round goes on without it
+
+    assert wait(srv, 240) == 0, srv._tail()
+    result = json.loads((state / "result.json").read_text())
+    rnd = result["rounds"][0]
+    assert sorted(rnd["accepted"]) == ["ring2", "smiley1"]
+    reasons = " ".join(r["reason"] for r in rnd["rejected"])
+    assert "sha256" in reasons  # star3's corrupt package, named in the log too
+    assert "sha256" in (logs / "server-1.log").read_text()
+    assert len(rnd["missing"]) + len(rnd["rejected"]) == 2  # star3 rejected, face4 gone
+    assert result["version"] == 1 and sorted(result["concepts"]) == ["ring2", "smiley1"]
+    for name, proc in good.items():
+        assert wait(proc, 60) == 0, proc._tail()
+        info = latest(tmp_path, name)
+        assert info["version"] == 1 and sorted(info["concepts"]) == ["<ring2>", "<smiley1>"]
+        fused = FusedModel.load_compact(info["file"])
+        assert sorted(c.name for c in fused.concepts) == ["ring2", "smiley1"]
+    assert wait(bad, 60) == 0  # it is still a member: it got the model, without its concept
+    assert (state / "models/v1/fusion_report.md").is_file()
+
+    # --- round 2: the server restarts on its state folder; smiley1 comes back (its
+    # package is registered: not retrained, not resent), ring5 is new, ring2 stays away
+    port = free_port()
+    srv = server(2, port, "2", "--no-report")
+    srv.wait_for_port("127.0.0.1", port, timeout=60)
+    again = procs(client_cmd("smiley1", folders, port, tmp_path), logs / "smiley1-2.log")
+    new = procs(client_cmd("ring5", folders, port, tmp_path), logs / "ring5.log")
+    assert wait(srv, 240) == 0, srv._tail()
+    result = json.loads((state / "result.json").read_text())
+    rnd = result["rounds"][0]
+    assert rnd["known"] == ["smiley1"] and rnd["accepted"] == ["ring5"]
+    assert result["version"] == 2
+    assert sorted(result["concepts"]) == ["ring2", "ring5", "smiley1"]  # ring2 from disk
+    for name, proc in (("smiley1", again), ("ring5", new)):
+        assert wait(proc, 60) == 0, proc._tail()
+        assert latest(tmp_path, name)["version"] == 2
+    assert "tuning <smiley1>" not in (logs / "smiley1-2.log").read_text()
+
+
+def test_the_readme_demo_runs_the_simulation_end_to_end(tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "demo"
+    proc = Managed(
+        [str(BIN / "mos-demo"), "--out", str(out), "--steps", "3"], bare_env(), tmp_path / "log"
+    )
+    try:
+        assert wait(proc, 400) == 0, proc._tail()
+    finally:
+        proc.stop()
+    result = json.loads((out / "server/result.json").read_text())
+    names = sorted(n for n, _, _ in DEMO_CONCEPTS)
+    assert sorted(result["concepts"]) == names
+    report = (out / "server/models/v1/fusion_report.md").read_text()
+    assert all(f"<{n}>" in report for n in names)
+    for name in names:
+        info = json.loads((out / "clients" / name / "latest.json").read_text())
+        assert sorted(info["concepts"]) == [f"<{n}>" for n in names]
+    assert "SuperLink" in (tmp_path / "log").read_text()
