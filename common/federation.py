@@ -152,7 +152,7 @@ def render_app_pyproject(
         "",
         "[tool.flwr.app]",
         'publisher = "mix-of-show"',
-        'fab-include = ["README.md"]',
+        'fab-include = ["/README.md"]',
         "",
         "[tool.flwr.app.components]",
         'serverapp = "mos.server.server_app:app"',

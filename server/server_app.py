@@ -16,13 +16,13 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..common.base import load_base_model
+from ..common.base import BaseModelError, load_base_model
 from ..common.cli import resolve_device, setup_logging
-from ..common.federation import RunSettings
+from ..common.federation import RunSettings, SettingsError
 from ..common.files import atomic_write
 from .fusion import FusionConfig
-from .registry import Registry
-from .strategy import STRATEGIES
+from .registry import Registry, RegistryError
+from .strategy import STRATEGIES, NotEnoughClients
 
 log = logging.getLogger("mos.server")
 
@@ -32,8 +32,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
-    settings = RunSettings.from_run_config(context.run_config)
-    run(grid, settings)
+    try:
+        run(grid, RunSettings.from_run_config(context.run_config))
+    except (SettingsError, BaseModelError, RegistryError, NotEnoughClients) as err:
+        # one clear line in the run's log instead of a traceback; no result.json is written
+        log.error("the run stopped: %s", err)
 
 
 def run(grid: Grid, settings: RunSettings) -> dict:

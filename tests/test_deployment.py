@@ -8,10 +8,13 @@ ports are chosen free.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -188,3 +191,51 @@ def test_the_readme_demo_runs_the_simulation_end_to_end(tmp_path):
         info = json.loads((out / "clients" / name / "latest.json").read_text())
         assert sorted(info["concepts"]) == [f"<{n}>" for n in names]
     assert "SuperLink" in (tmp_path / "log").read_text()
+
+
+def test_the_app_bundle_carries_no_weights_images_or_code(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    from mos.common.federation import write_app_dir
+
+    app = write_app_dir(tmp_path / "app")
+    (app / "weights.safetensors").write_bytes(b"x" * 100)
+    (app / "photo.png").write_bytes(b"x" * 100)
+    for folder, want in (
+        (app, {"pyproject.toml", "README.md"}),
+        (Path(__file__).resolve().parents[1], {"pyproject.toml", "README.md", "LICENSE"}),
+    ):
+        fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(folder)))
+        assert set(fab.namelist()) - {".info/CONTENT"} == want
+
+
+def cmdlines_with(text: str) -> list[str]:
+    out = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmd:
+            out.append(cmd)
+    return out
+
+
+def test_ctrl_c_stops_the_server_and_its_superlink(tmp_path, procs):
+    port = free_port()
+    state = tmp_path / "state"
+    srv = procs(
+        ["mos-server", "--min-clients", "3", "--state-dir", str(state), "--port", str(port)],
+        tmp_path / "server.log",
+    )
+    deadline = time.monotonic() + 90
+    while "waiting for clients" not in (tmp_path / "server.log").read_text(errors="replace"):
+        assert srv.alive() and time.monotonic() < deadline, srv._tail()
+        time.sleep(0.2)
+    assert cmdlines_with(f"--port {port}")  # the SuperLink is up
+    os.kill(srv.pid, signal.SIGINT)
+    assert wait(srv, 30) == 130
+    assert "interrupted" in (tmp_path / "server.log").read_text()
+    time.sleep(1)
+    assert cmdlines_with(f"--port {port}") == []
+    assert cmdlines_with(str(state)) == []  # no flwr run, ServerApp or SuperExec left
