@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,14 +158,23 @@ def _load_base(settings: ClientSettings, server_spec: str) -> BaseModel:
     return base.to(resolve_device(settings.device))
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    setup_logging()
-    try:
-        settings = ClientSettings.from_context(context)
-        return handle_train(msg, settings)
-    except (ClientSetupError, PhotoFolderError, BaseModelError, PackageError, UsageError) as err:
-        return _refuse(msg, str(err))
+def _refusing(handler: Callable[[Message, ClientSettings], Message]):
+    """Run a handler; a problem this client can name becomes a refusal the server logs."""
+
+    def run(msg: Message, context: Context) -> Message:
+        setup_logging()
+        try:
+            return handler(msg, ClientSettings.from_context(context))
+        except (
+            ClientSetupError,
+            PhotoFolderError,
+            BaseModelError,
+            PackageError,
+            UsageError,
+        ) as err:
+            return _refuse(msg, str(err))
+
+    return run
 
 
 def handle_train(msg: Message, settings: ClientSettings) -> Message:
@@ -236,16 +246,6 @@ def _cached(model_dir: Path, key: str) -> ConceptPackage | None:
         return None
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    setup_logging()
-    try:
-        settings = ClientSettings.from_context(context)
-        return handle_evaluate(msg, settings)
-    except (ClientSetupError, PhotoFolderError, BaseModelError, PackageError, UsageError) as err:
-        return _refuse(msg, str(err))
-
-
 def handle_evaluate(msg: Message, settings: ClientSettings) -> Message:
     content = msg.content
     meta = content.config_records[fed.FUSED_META]
@@ -315,3 +315,7 @@ def _cached_package(model_dir: Path) -> ConceptPackage | None:
         return ConceptPackage.load(model_dir / PACKAGE_FILE)
     except PackageError:
         return None
+
+
+app.train()(_refusing(handle_train))
+app.evaluate()(_refusing(handle_evaluate))

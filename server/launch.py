@@ -109,6 +109,27 @@ def submit(app_dir: Path, home: Path, run_config: Path, extra: list[str] | None 
     return Managed([*cmd, *(extra or []), "--stream"], flower_env(home))
 
 
+def _prepare(state: Path, home: Path, address: str, root_cert: Path | None, values: dict):
+    """The state folder's logs, the private Flower home, the app bundle and run config."""
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    _write_flower_home(home, address, root_cert)
+    return write_app_dir(state / "app"), _write_run_config(state / "run-config.toml", values)
+
+
+def _run_app(
+    app_dir: Path, home: Path, run_config: Path, state: Path, since: float, extra=None
+) -> dict:
+    """Submit the app, stream its log until it ends, and read its result."""
+    runner = submit(app_dir, home, run_config, extra)
+    try:
+        rc = _stream(runner)
+    finally:
+        runner.stop()
+    if rc:
+        raise LaunchError(f"flwr run failed (status {rc}); see the messages above")
+    return _result(state, since)
+
+
 def _result(state: Path, since: float) -> dict:
     path = state / "result.json"
     if not path.is_file() or path.stat().st_mtime < since:
@@ -179,13 +200,11 @@ def run_server(args: argparse.Namespace) -> dict:
         state,
         **{"min-clients": args.min_clients, "wait-clients-s": float(args.wait_clients)},
     )
-    for sub in ("logs", "app"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
     home = state / "flwr-home"
     connect = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    _write_flower_home(home, f"{connect}:{args.port}", args.ssl_ca_certfile)
-    app_dir = write_app_dir(state / "app")
-    run_config = _write_run_config(state / "run-config.toml", values)
+    app_dir, run_config = _prepare(
+        state, home, f"{connect}:{args.port}", args.ssl_ca_certfile, values
+    )
 
     cmd = [
         executable("flower-superlink"),
@@ -205,7 +224,6 @@ def run_server(args: argparse.Namespace) -> dict:
         cmd.append("--enable-supernode-auth")
     started = time.time()
     superlink = Managed(cmd, flower_env(home), state / "logs" / "superlink.log")
-    runner = None
     try:
         superlink.wait_for_port(connect, args.port)
         print(
@@ -224,14 +242,8 @@ def run_server(args: argparse.Namespace) -> dict:
             if reg.returncode:
                 raise LaunchError(f"registering {key} failed: {reg.stdout}{reg.stderr}")
             log.info("registered SuperNode key %s", key)
-        runner = submit(app_dir, home, run_config)
-        rc = _stream(runner)
-        if rc:
-            raise LaunchError(f"flwr run failed (status {rc}); see the messages above")
-        result = _result(state, started)
+        result = _run_app(app_dir, home, run_config, state, started)
     finally:
-        if runner is not None:
-            runner.stop()
         superlink.stop()
     _summary(result)
     return result
@@ -301,13 +313,9 @@ def run_simulation(args: argparse.Namespace) -> dict:
             "client-root": str(out / "clients"),
         },
     )
-    for sub in ("logs", "app"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
     home = out / "flwr-home"
     port = free_port()
-    _write_flower_home(home, f"127.0.0.1:{port}", None)
-    app_dir = write_app_dir(state / "app")
-    run_config = _write_run_config(state / "run-config.toml", values)
+    app_dir, run_config = _prepare(state, home, f"127.0.0.1:{port}", None, values)
     cmd = [
         executable("flower-superlink"),
         "--insecure",
@@ -320,7 +328,6 @@ def run_simulation(args: argparse.Namespace) -> dict:
     ]
     started = time.time()
     superlink = Managed(cmd, flower_env(home), state / "logs" / "superlink.log")
-    runner = None
     federation = [
         f"num-supernodes={args.clients}",
         f"client-resources-num-cpus={args.cpus_per_client}",
@@ -330,14 +337,8 @@ def run_simulation(args: argparse.Namespace) -> dict:
         superlink.wait_for_port("127.0.0.1", port)
         log.info("simulation SuperLink on 127.0.0.1:%d (pid %d)", port, superlink.pid)
         extra = [x for f in federation for x in ("--federation-config", f)]
-        runner = submit(app_dir, home, run_config, extra)
-        rc = _stream(runner)
-        if rc:
-            raise LaunchError(f"flwr run failed (status {rc}); see the messages above")
-        result = _result(state, started)
+        result = _run_app(app_dir, home, run_config, state, started, extra)
     finally:
-        if runner is not None:
-            runner.stop()
         superlink.stop()
     _summary(result)
     print(f"client model folders: {out / 'clients'}")

@@ -269,15 +269,19 @@ def train_message(base, registered=None) -> Message:
     return Message(RecordDict({fed.TRAIN_CONFIG: config}), dst_node_id=3, message_type="train")
 
 
-def test_client_trains_once_reuses_its_package_and_refuses_another_base(tmp_path):
-    base = build_tiny()
-    settings = ClientSettings(
+@pytest.fixture
+def settings(tmp_path) -> ClientSettings:
+    return ClientSettings(
         data=make_photos(tmp_path / "photos", count=2, size=24),
         concept="dog1",
         class_word="dog",
         model_dir=tmp_path / "model",
         device="cpu",
     )
+
+
+def test_client_trains_once_reuses_its_package_and_refuses_another_base(tmp_path, settings):
+    base = build_tiny()
     reply = handle_train(train_message(base), settings)
     content = reply.content
     assert fed.PACKAGE in content.array_records
@@ -300,15 +304,8 @@ def test_client_trains_once_reuses_its_package_and_refuses_another_base(tmp_path
         handle_train(train_message(build_tiny(seed=2)), settings)
 
 
-def test_client_stores_the_fused_model_and_reports_only_numbers(tmp_path):
+def test_client_stores_the_fused_model_and_reports_only_numbers(settings):
     base = build_tiny()
-    settings = ClientSettings(
-        data=make_photos(tmp_path / "photos", count=2, size=24),
-        concept="dog1",
-        class_word="dog",
-        model_dir=tmp_path / "model",
-        device="cpu",
-    )
     reply = handle_train(train_message(base), settings).content
     own = package_from_records(reply.array_records[fed.PACKAGE], reply.config_records[fed.MANIFEST])
     engine = FusionEngine(build_tiny(), [own, random_package(base, "cat2", seed=2)])
@@ -346,3 +343,18 @@ def test_client_stores_the_fused_model_and_reports_only_numbers(tmp_path):
         handle_evaluate(bad, settings)
     assert json.loads((settings.model_dir / LATEST).read_text())["version"] == 1
     assert not (settings.model_dir / "fused/v2.safetensors").exists()
+
+
+def test_the_client_app_refuses_with_a_reason_instead_of_crashing(tmp_path):
+    from flwr.app import Context
+
+    from mos.client.client_app import app
+
+    context = Context(run_id=7, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    reply = app(train_message(build_tiny()), context)
+    reason = reply.content.config_records[fed.REFUSAL]["reason"]
+    assert "node config lacks data, concept" in reason
+    node = {"data": str(tmp_path / "none"), "concept": "dog1"}
+    context = Context(run_id=7, node_id=3, node_config=node, state=RecordDict(), run_config={})
+    reason = app(train_message(build_tiny()), context).content.config_records[fed.REFUSAL]
+    assert "not a folder" in reason["reason"]
