@@ -51,9 +51,13 @@ def run_supernode(args: argparse.Namespace) -> Path:
             "pass --root-certificates CA.pem for a TLS SuperLink, or --insecure for one "
             "without TLS (e.g. mos-server on this machine without certificates)"
         )
-    for path in (args.root_certificates, args.auth_private_key):
-        if path is not None and not path.is_file():
-            raise UsageError(f"{path}: no such file")
+    for option in ("root_certificates", "auth_private_key"):  # the SuperNode runs elsewhere
+        path = getattr(args, option)
+        if path is not None:
+            path = path.expanduser().resolve()
+            if not path.is_file():
+                raise UsageError(f"{path}: no such file")
+            setattr(args, option, path)
     config = node_config(
         {
             "data": str(data),

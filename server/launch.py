@@ -187,6 +187,10 @@ def server_parser() -> argparse.ArgumentParser:
 
 def run_server(args: argparse.Namespace) -> dict:
     state = args.state_dir.expanduser().resolve()
+    for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certfile"):  # Flower wants absolute
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).expanduser().resolve())
+    args.supernode_public_key = [k.expanduser().resolve() for k in args.supernode_public_key]
     certs = [args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile]
     if any(certs) and not all(certs):
         raise UsageError("TLS needs all of --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile")
