@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -43,6 +45,14 @@ def run_command(
 ) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parser.parse_args(argv)
+    # Ctrl-C and SIGTERM (systemd, kill) both unwind through `finally`, which ends every
+    # child process. SIGINT is set explicitly: a process started in the background of a
+    # shell script inherits it ignored, and Python then never raises KeyboardInterrupt.
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         run(args)
     except (UsageError, *errors) as err:
@@ -51,7 +61,15 @@ def run_command(
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
     return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def resolve_device(spec: str) -> torch.device:

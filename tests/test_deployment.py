@@ -221,19 +221,25 @@ def cmdlines_with(text: str) -> list[str]:
     return out
 
 
-def test_ctrl_c_stops_the_server_and_its_superlink(tmp_path, procs):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_the_server_and_its_superlink(tmp_path, procs, sig):
     port = free_port()
     state = tmp_path / "state"
-    srv = procs(
-        ["mos-server", "--min-clients", "3", "--state-dir", str(state), "--port", str(port)],
-        tmp_path / "server.log",
-    )
+    # started as from a script's background job: SIGINT inherited as ignored
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        srv = procs(
+            ["mos-server", "--min-clients", "3", "--state-dir", str(state), "--port", str(port)],
+            tmp_path / "server.log",
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 90
     while "waiting for clients" not in (tmp_path / "server.log").read_text(errors="replace"):
         assert srv.alive() and time.monotonic() < deadline, srv._tail()
         time.sleep(0.2)
     assert cmdlines_with(f"--port {port}")  # the SuperLink is up
-    os.kill(srv.pid, signal.SIGINT)
+    os.kill(srv.pid, sig)
     assert wait(srv, 30) == 130
     assert "interrupted" in (tmp_path / "server.log").read_text()
     time.sleep(1)
