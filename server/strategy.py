@@ -74,8 +74,8 @@ class ConceptFusionStrategy(Strategy):
         self.poll_s = poll_s
         self.engine: FusionEngine | None = None
         self.current: tuple[int, ArrayRecord, ConfigRecord] | None = None
-        self.sent_train: set[int] = set()
-        self.sent_eval: set[int] = set()
+        self.sent_train: dict[int, Message] = {}  # node -> the message it was sent
+        self.sent_eval: dict[int, Message] = {}
         self.rounds: list[dict] = []
 
     # --- fusion ----------------------------------------------------------------------
@@ -182,11 +182,11 @@ class ConceptFusionStrategy(Strategy):
                 "registered": json.dumps(self.registry.registered()),
             }
         )
-        self.sent_train = set(nodes)
-        return [
-            Message(RecordDict({fed.TRAIN_CONFIG: content}), dst_node_id=n, message_type="train")
+        self.sent_train = {
+            n: Message(RecordDict({fed.TRAIN_CONFIG: content}), dst_node_id=n, message_type="train")
             for n in nodes
-        ]
+        }
+        return list(self.sent_train.values())
 
     def _validate(self, reply: Message, taken: dict[str, int]) -> ConceptPackage:
         content = reply.content
@@ -217,14 +217,14 @@ class ConceptFusionStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         record: dict = {"round": server_round, "accepted": [], "known": [], "rejected": []}
-        seen = {r.metadata.src_node_id for r in replies}
-        record["missing"] = sorted(self.sent_train - seen)
+        seen = {_sender(r, self.sent_train) for r in replies}
+        record["missing"] = sorted(set(self.sent_train) - seen)
         for node in record["missing"]:
             log.warning("round %d: node %d sent no reply in time", server_round, node)
         taken: dict[str, int] = {}
         new_packages: list[tuple[ConceptPackage, int]] = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = _sender(reply, self.sent_train)
             if reply.has_error():
                 reason = f"node {node}: failed ({reply.error.reason})"
                 log.warning("round %d: %s", server_round, reason)
@@ -293,19 +293,19 @@ class ConceptFusionStrategy(Strategy):
         # (most likely gone; waiting for them again would only cost another timeout)
         silent = set(self.rounds[-1]["missing"]) if self.rounds else set()
         nodes = sorted(n for n in grid.get_node_ids() if n not in silent)
-        self.sent_eval = set(nodes)
         log.info(
             "round %d: sending fused model v%d to %d clients", server_round, version, len(nodes)
         )
         meta = ConfigRecord({**dict(meta), **dict(config), "round": server_round})
-        return [
-            Message(
+        self.sent_eval = {
+            n: Message(
                 RecordDict({fed.FUSED: fused_arrays, fed.FUSED_META: meta}),
                 dst_node_id=n,
                 message_type="evaluate",
             )
             for n in nodes
-        ]
+        }
+        return list(self.sent_eval.values())
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -313,7 +313,7 @@ class ConceptFusionStrategy(Strategy):
         clients = []
         replies = list(replies)
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = _sender(reply, self.sent_eval)
             if reply.has_error():
                 log.warning(
                     "round %d: node %d did not store the model: %s",
@@ -345,7 +345,7 @@ class ConceptFusionStrategy(Strategy):
                 if "loss_ratio" in m
                 else "",
             )
-        missing = sorted(self.sent_eval - {r.metadata.src_node_id for r in replies})
+        missing = sorted(set(self.sent_eval) - {_sender(r, self.sent_eval) for r in replies})
         self.registry.log_round(
             {
                 "stage": "evaluate",
@@ -376,6 +376,18 @@ class ConceptFusionStrategy(Strategy):
             self.fusion_config.mode,
             self.registry.root,
         )
+
+
+def _sender(reply: Message, sent: dict[int, Message]) -> int:
+    """The node a reply is about. Errors the SuperLink writes for an unreachable node carry
+    the SuperLink as sender; the message they answer names the node."""
+    for node, msg in sent.items():
+        if (
+            msg.metadata.message_id
+            and msg.metadata.message_id == reply.metadata.reply_to_message_id
+        ):
+            return node
+    return reply.metadata.src_node_id
 
 
 class GradientFusionStrategy(ConceptFusionStrategy):

@@ -66,6 +66,13 @@ def package_reply(to: Message, package, corrupt: bool = False) -> Message:
     return Message(RecordDict({fed.PACKAGE: arrays, fed.MANIFEST: manifest}), reply_to=to)
 
 
+def unavailable(to: Message) -> Message:
+    """The error the SuperLink writes for a node that stopped: its sender is the SuperLink."""
+    reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=to)
+    reply.metadata.__dict__["_src_node_id"] = 1
+    return reply
+
+
 def strategy(tmp_path, base, cls=GradientFusionStrategy, **kw):
     registry = Registry.open(tmp_path / "state", base)
     config = FusionConfig(mode="independent", steps=3, resolution=16)
@@ -155,6 +162,8 @@ def test_a_round_accepts_good_packages_and_rejects_bad_ones_with_reasons(tmp_pat
     grid = FakeGrid([1, 2, 3, 4, 5, 6])
     msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, None, ConfigRecord(), grid)}
     assert set(msgs) == {1, 2, 3, 4, 5, 6}
+    for m in msgs.values():  # what pushing them through Flower's Grid does
+        m.metadata.__dict__["_message_id"] = m.object_id
     sent = msgs[1].content.config_records[fed.TRAIN_CONFIG]
     assert sent["base-fingerprint"] == base.fingerprint
     assert TrainConfig.model_validate_json(sent["train-config"]).steps == 2
@@ -164,7 +173,7 @@ def test_a_round_accepts_good_packages_and_rejects_bad_ones_with_reasons(tmp_pat
         package_reply(msgs[2], random_package(base, "cat2", seed=2), corrupt=True),
         package_reply(msgs[3], random_package(other_base, "owl3", seed=3)),
         package_reply(msgs[4], random_package(base, "dog1", seed=4)),  # name clash
-        Message(Error(code=5, reason="Node Unavailable"), reply_to=msgs[5]),
+        unavailable(msgs[5]),
         # node 6 never answers
     ]
     arrays, metrics = s.aggregate_train(1, replies)
