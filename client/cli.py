@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait", type=float, default=600, help="seconds to keep retrying the SuperLink"
     )
     fed.add_argument("--stay", action="store_true", help="keep serving after the final round")
+    fed.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for tuning (default: half the cores, so that a server and "
+        "clients sharing a machine do not oversubscribe it)",
+    )
     fed.add_argument("--clientappio-port", type=int, help="local port for Flower (default: free)")
     fed.add_argument("--test-fault", help=argparse.SUPPRESS)  # fault injection for tests
     return p
