@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .regions import combine
+
 
 def cross_attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
     """``[(name, attn2 module)]`` in the paper's order: down -> mid -> up."""
@@ -138,6 +140,70 @@ def layerwise_cross_attention(
     layers = cross_attention_layers(unet)
     saved = [module.processor for _, module in layers]
     processors = [LayerwiseCrossAttnProcessor(i, kv_dropout, recorder) for i in range(len(layers))]
+    try:
+        for (_, module), proc in zip(layers, processors, strict=True):
+            module.set_processor(proc)
+        yield processors
+    finally:
+        for (_, module), proc in zip(layers, saved, strict=True):
+            module.set_processor(proc)
+
+
+class RegionalCrossAttnProcessor:
+    """Region-aware cross-attention (METHOD.md section 3) on layer-wise encodings.
+
+    ``encoder_hidden_states`` is ``[batch, L, (1 + R) * tokens, dim]``: the global prompt's
+    encoding, then each region prompt's. The global prompt is attended everywhere; each
+    region's prompt only by the queries inside its box (computed for those queries alone,
+    so a region costs in proportion to its area); ``regions.combine`` merges them.
+    ``masks`` maps a feature map's token count to its ``[R, tokens]`` masks.
+    """
+
+    def __init__(self, layer: int, masks: dict[int, torch.Tensor], tokens: int) -> None:
+        self.layer = layer
+        self.masks = masks
+        self.tokens = tokens
+        self.index = {
+            n: [m.nonzero().flatten() for m in mask] for n, mask in masks.items()
+        }  # per size, per region: the cells inside the box
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            raise ValueError("cross-attention needs encoder_hidden_states")
+        context = encoder_hidden_states
+        if context.ndim == 4:
+            context = context[:, self.layer]
+        t = self.tokens
+        out = attention_forward(attn, hidden_states, context[:, :t])
+        n = hidden_states.shape[1]
+        if n not in self.masks:
+            raise ValueError(f"no region masks for a feature map of {n} cells")
+        masks = self.masks[n].to(hidden_states.device)
+        regions = torch.zeros((len(masks), *out.shape), dtype=out.dtype, device=out.device)
+        for r, idx in enumerate(self.index[n]):
+            if len(idx):
+                idx = idx.to(hidden_states.device)
+                ctx = context[:, (1 + r) * t : (2 + r) * t]
+                regions[r][:, idx] = attention_forward(attn, hidden_states[:, idx], ctx)
+        return combine(out, regions, masks)
+
+
+@contextlib.contextmanager
+def regional_cross_attention(
+    unet: nn.Module, masks: dict[int, torch.Tensor], tokens: int
+) -> Iterator[list[RegionalCrossAttnProcessor]]:
+    """Install regional processors on every cross-attention layer; restore on exit."""
+    layers = cross_attention_layers(unet)
+    saved = [module.processor for _, module in layers]
+    processors = [RegionalCrossAttnProcessor(i, masks, tokens) for i in range(len(layers))]
     try:
         for (_, module), proc in zip(layers, processors, strict=True):
             module.set_processor(proc)

@@ -18,11 +18,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import layerwise_cross_attention
+from .attention import layerwise_cross_attention, regional_cross_attention
 from .base import BaseModel
 from .concepts import ConceptTable, encode_prompts
 from .lora import lora_layers
 from .package import ConceptPackage, attach_package
+from .regions import Region, latent_sizes, region_masks
 
 
 class MixOfShowPipeline:
@@ -68,6 +69,15 @@ class MixOfShowPipeline:
             b.text_encoder, b.tokenizer, prompts, self.concepts, b.num_cross_attention_layers
         )
 
+    def _context(self, prompts: Sequence[str], region_prompts: Sequence[str]) -> torch.Tensor:
+        """``[batch, L, (1 + R) * tokens, dim]``: each prompt, then every region's prompt."""
+        cond = self.encode(prompts)
+        if not region_prompts:
+            return cond
+        reg = self.encode(region_prompts)  # [R, L, T, D]
+        reg = reg.permute(1, 0, 2, 3).flatten(1, 2)  # [L, R*T, D]
+        return torch.cat([cond, reg.unsqueeze(0).expand(len(prompts), -1, -1, -1)], dim=2)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -84,7 +94,10 @@ class MixOfShowPipeline:
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: bool = False,
+        regions: Sequence[Region] = (),
     ) -> list[Image.Image] | torch.Tensor:
+        """Sample; with ``regions`` each region's prompt is drawn in its box (METHOD.md
+        section 3), the global prompt everywhere else."""
         b = self.base
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -106,18 +119,31 @@ class MixOfShowPipeline:
         device = b.device
         dtype = b.unet.dtype
 
-        with self.lora_scale(lora_scale), layerwise_cross_attention(b.unet):
-            cond = self.encode(prompts)
+        regions = list(regions)
+        lh, lw = height // factor, width // factor
+        if regions:
+            levels = len(b.unet.config.block_out_channels)
+            masks = {
+                h * w: region_masks([r.box for r in regions], h, w)
+                for h, w in latent_sizes(lh, lw, levels)
+            }
+            attention = regional_cross_attention(b.unet, masks, b.tokenizer.model_max_length)
+        else:
+            attention = layerwise_cross_attention(b.unet)
+
+        with self.lora_scale(lora_scale), attention:
+            cond = self._context(prompts, [r.prompt for r in regions])
             cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
             do_cfg = guidance_scale > 1.0
             if do_cfg:
-                uncond = self.encode(negatives).repeat_interleave(num_images_per_prompt, dim=0)
+                uncond = self._context(negatives, [r.negative_prompt for r in regions])
+                uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0)
                 context = torch.cat([uncond, cond]).to(dtype)
             else:
                 context = cond.to(dtype)
 
             batch = len(prompts) * num_images_per_prompt
-            shape = (batch, b.unet.config.in_channels, height // factor, width // factor)
+            shape = (batch, b.unet.config.in_channels, lh, lw)
             if latents is None:
                 latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             elif tuple(latents.shape) != shape:

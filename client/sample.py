@@ -1,0 +1,221 @@
+"""``mos-sample``: compose fused concepts in one image, each in its own box.
+
+    mos-sample --model fused/ --prompt "two pets on the grass" \\
+        --region "a <dog1> in a red hat@0,0.2,0.5,1" --region "a <cat2>@0.5,0.2,1,1" \\
+        --out pets.png
+    mos-sample --model fused/ --scene scene.json --grid 4 --out pets.png
+
+``--model`` is a fused diffusers folder (``mos-fuse --out``), or a compact fused model
+(``fused.safetensors``, a client's ``fused/v<N>.safetensors``, or a server's
+``models/v<N>`` folder) attached to ``--base-model``. A box is ``x0,y0,x1,y1`` in fractions
+of the image (all values <= 1) or in pixels. The PNG carries the scene (JSON) in its
+``mos-scene`` text chunk, so an image can be reproduced with ``--scene image.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+from pydantic import BaseModel as _Model
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+
+from ..common.base import TINY, BaseModelError, load_base_model
+from ..common.cli import UsageError, resolve_device, run_command
+from ..common.concepts import ConceptError, ConceptTable
+from ..common.fused import COMPACT_FILE, FusedModel, load_fused_folder
+from ..common.images import image_grid
+from ..common.package import PackageError
+from ..common.pipeline import MixOfShowPipeline
+from ..common.regions import Region, RegionError, box_from_pixels
+
+log = logging.getLogger("mos.sample")
+SCENE_KEY = "mos-scene"
+
+
+class RegionSpec(_Model):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    box: tuple[float, float, float, float]
+    negative_prompt: str = ""
+
+
+class Scene(_Model):
+    """Everything that decides an image; saved in the PNG and readable back."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    negative_prompt: str = ""
+    regions: list[RegionSpec] = []
+    seed: int = Field(0, ge=0)
+    steps: int = Field(25, ge=1, le=1000)
+    guidance: float = Field(7.5, ge=0)
+    width: int | None = Field(None, ge=8, le=4096)
+    height: int | None = Field(None, ge=8, le=4096)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the prompt is empty")
+        return v
+
+    def to_regions(self, width: int, height: int) -> list[Region]:
+        return [
+            Region(r.prompt, box_from_pixels(r.box, width, height), r.negative_prompt)
+            for r in self.regions
+        ]
+
+
+def read_scene(path: Path) -> Scene:
+    """A scene from ``.json``, ``.yaml``/``.yml``, or a PNG written by ``mos-sample``."""
+    if not path.is_file():
+        raise UsageError(f"--scene {path}: no such file")
+    try:
+        if path.suffix.lower() == ".png":
+            text = Image.open(path).text.get(SCENE_KEY)
+            if text is None:
+                raise UsageError(f"{path} carries no {SCENE_KEY} scene")
+            data = json.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+        return Scene.model_validate(data)
+    except (ValueError, OSError) as err:  # ValidationError is a ValueError
+        raise UsageError(f"--scene {path}: {err}") from err
+
+
+def parse_region(text: str) -> RegionSpec:
+    """``PROMPT@x0,y0,x1,y1`` or ``PROMPT@x0,y0,x1,y1@NEGATIVE``."""
+    parts = text.split("@")
+    if len(parts) not in (2, 3):
+        raise UsageError(f"--region {text!r}: expected 'PROMPT@x0,y0,x1,y1[@NEGATIVE]'")
+    try:
+        box = tuple(float(v) for v in parts[1].split(","))
+        return RegionSpec(
+            prompt=parts[0], box=box, negative_prompt=parts[2] if len(parts) == 3 else ""
+        )
+    except (ValueError, ValidationError) as err:
+        raise UsageError(f"--region {text!r}: {err}") from err
+
+
+def load_model(spec: Path, base_model: str, base_config: str | None):
+    """``(base, concepts)`` from a fused folder or a compact fused model on a base."""
+    if spec.is_dir() and (spec / "model_index.json").is_file():
+        return load_fused_folder(spec)
+    compact = spec / COMPACT_FILE if spec.is_dir() else spec
+    if not compact.is_file():
+        raise UsageError(
+            f"--model {spec}: neither a fused diffusers folder nor a compact fused model "
+            f"({COMPACT_FILE} or a client's fused/v<N>.safetensors)"
+        )
+    fused = FusedModel.load_compact(compact)
+    base = load_base_model(base_model, config=base_config)
+    return base, fused.attach(base)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mos-sample", description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, required=True, help="fused folder or compact model")
+    p.add_argument("--base-model", default=TINY, help="the base of a compact model (tiny)")
+    p.add_argument("--base-config", help="configs of a single-file checkpoint (offline)")
+    p.add_argument("--prompt", help="the global prompt")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--region", action="append", default=[], help="'PROMPT@x0,y0,x1,y1[@NEGATIVE]'")
+    p.add_argument("--scene", type=Path, help="scene file (.json, .yaml) or a mos-sample PNG")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--grid", type=int, default=1, help="render this many seeds side by side")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    return p
+
+
+def scene_from_args(args: argparse.Namespace) -> Scene:
+    data = read_scene(args.scene).model_dump() if args.scene else {}
+    if args.prompt is not None:
+        data["prompt"] = args.prompt
+    if args.negative_prompt:
+        data["negative_prompt"] = args.negative_prompt
+    if args.region:
+        data["regions"] = [parse_region(r).model_dump() for r in args.region]
+    for key in ("seed", "steps", "guidance", "width", "height"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if "prompt" not in data:
+        raise UsageError("give --prompt (or a --scene with a prompt)")
+    try:
+        return Scene.model_validate(data)
+    except ValidationError as err:
+        raise UsageError(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        ) from err
+
+
+def run(args: argparse.Namespace) -> Path:
+    scene = scene_from_args(args)
+    if args.out.suffix.lower() != ".png":
+        raise UsageError(f"--out {args.out}: write a .png")
+    if args.out.exists() and not args.force:
+        raise UsageError(f"{args.out} exists; pass --force to overwrite it")
+    if args.grid < 1:
+        raise UsageError("--grid must be at least 1")
+    base, concepts = load_model(args.model, args.base_model, args.base_config)
+    base.to(resolve_device(args.device))
+    width = scene.width or base.default_resolution
+    height = scene.height or base.default_resolution
+    regions = scene.to_regions(width, height)
+    pipe = MixOfShowPipeline(base, concepts)
+    _check_tokens(concepts, base, [scene.prompt, *(r.prompt for r in regions)])
+    images = []
+    for k in range(args.grid):
+        gen = torch.Generator().manual_seed(scene.seed + k)
+        images += pipe(
+            scene.prompt,
+            scene.negative_prompt,
+            num_inference_steps=scene.steps,
+            guidance_scale=scene.guidance,
+            width=width,
+            height=height,
+            generator=gen,
+            regions=regions,
+            progress=True,
+        )
+    out = (
+        images[0]
+        if args.grid == 1
+        else image_grid([images], (), [f"seed {scene.seed + k}" for k in range(args.grid)])
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text(SCENE_KEY, scene.model_dump_json())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.save(args.out, pnginfo=info)
+    log.info("wrote %s (%d region%s)", args.out, len(regions), "" if len(regions) == 1 else "s")
+    return args.out
+
+
+def _check_tokens(concepts: ConceptTable, base, prompts: list[str]) -> None:
+    """An unknown ``<token>`` fails before sampling, naming the known ones."""
+    for prompt in prompts:
+        concepts.expand(prompt, base.num_cross_attention_layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    errors = (BaseModelError, ConceptError, PackageError, RegionError, ValueError)
+    return run_command("mos-sample", build_parser(), run, errors, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
