@@ -24,6 +24,7 @@ STEPS=${STEPS:-60}
 if [ "${QUICK:-0}" = 1 ]; then  # a dry run of this script on any machine: tiny model only
     python3 benchmarks/bench_edlora.py --model tiny --steps 20 --out "$OUT/edlora-tiny.json" | tee "$OUT/edlora-tiny.md"
     python3 benchmarks/bench_fusion.py --model tiny --n 3 --reference-n 3 --out "$OUT/fusion-tiny.json" | tee "$OUT/fusion-tiny.md"
+    python3 benchmarks/bench_regions.py --model tiny --steps 5 --repeats 1 --out "$OUT/regions-tiny.json" | tee "$OUT/regions-tiny.md"
     exit 0
 fi
 python3 benchmarks/bench_edlora.py --model sd15 --resolution 512 --batch-size 2 --steps "$STEPS" \
@@ -31,6 +32,8 @@ python3 benchmarks/bench_edlora.py --model sd15 --resolution 512 --batch-size 2 
 python3 benchmarks/bench_edlora.py --model tiny --steps 200 --out "$OUT/edlora-tiny.json" | tee "$OUT/edlora-tiny.md"
 python3 benchmarks/bench_fusion.py --model sd15 --n 3 14 50 --reference-n 3 \
     --out "$OUT/fusion-sd15-512.json" | tee "$OUT/fusion-sd15-512.md"
+python3 benchmarks/bench_regions.py --model sd15 --sizes 512x512 512x1024 --steps 20 \
+    --out "$OUT/regions-sd15.json" | tee "$OUT/regions-sd15.md"
 if [ "${FULL:-0}" = 1 ]; then
     python3 benchmarks/bench_edlora.py --model sd15 --resolution 512 --batch-size 2 --steps 1000 \
         --warmup 10 --out "$OUT/edlora-sd15-1000.json" | tee "$OUT/edlora-sd15-1000.md"
