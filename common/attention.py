@@ -13,7 +13,7 @@ of layer ``l`` picks copy ``l``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -131,15 +131,12 @@ def attention_forward(
 
 
 @contextlib.contextmanager
-def layerwise_cross_attention(
-    unet: nn.Module,
-    kv_dropout: float = 0.0,
-    recorder: AttentionMapRecorder | None = None,
-) -> Iterator[list[LayerwiseCrossAttnProcessor]]:
-    """Install layer-wise processors on every cross-attention layer; restore on exit."""
+def cross_attention_processors(unet: nn.Module, make: Callable[[int], object]) -> Iterator[list]:
+    """Give cross-attention layer ``l`` (paper order) the processor ``make(l)``; restore the
+    previous processors on exit, whatever happens."""
     layers = cross_attention_layers(unet)
     saved = [module.processor for _, module in layers]
-    processors = [LayerwiseCrossAttnProcessor(i, kv_dropout, recorder) for i in range(len(layers))]
+    processors = [make(i) for i in range(len(layers))]
     try:
         for (_, module), proc in zip(layers, processors, strict=True):
             module.set_processor(proc)
@@ -147,6 +144,17 @@ def layerwise_cross_attention(
     finally:
         for (_, module), proc in zip(layers, saved, strict=True):
             module.set_processor(proc)
+
+
+def layerwise_cross_attention(
+    unet: nn.Module,
+    kv_dropout: float = 0.0,
+    recorder: AttentionMapRecorder | None = None,
+) -> contextlib.AbstractContextManager[list[LayerwiseCrossAttnProcessor]]:
+    """Install layer-wise processors on every cross-attention layer; restore on exit."""
+    return cross_attention_processors(
+        unet, lambda i: LayerwiseCrossAttnProcessor(i, kv_dropout, recorder)
+    )
 
 
 class RegionalCrossAttnProcessor:
@@ -196,18 +204,8 @@ class RegionalCrossAttnProcessor:
         return combine(out, regions, masks)
 
 
-@contextlib.contextmanager
 def regional_cross_attention(
     unet: nn.Module, masks: dict[int, torch.Tensor], tokens: int
-) -> Iterator[list[RegionalCrossAttnProcessor]]:
+) -> contextlib.AbstractContextManager[list[RegionalCrossAttnProcessor]]:
     """Install regional processors on every cross-attention layer; restore on exit."""
-    layers = cross_attention_layers(unet)
-    saved = [module.processor for _, module in layers]
-    processors = [RegionalCrossAttnProcessor(i, masks, tokens) for i in range(len(layers))]
-    try:
-        for (_, module), proc in zip(layers, processors, strict=True):
-            module.set_processor(proc)
-        yield processors
-    finally:
-        for (_, module), proc in zip(layers, saved, strict=True):
-            module.set_processor(proc)
+    return cross_attention_processors(unet, lambda i: RegionalCrossAttnProcessor(i, masks, tokens))
