@@ -41,6 +41,7 @@ from ..common.concepts import ConceptError, ConceptTable, parse_concept_name
 from ..common.config import TrainConfig
 from ..common.files import atomic_write
 from ..common.package import ConceptPackage, PackageError, attach_package
+from ..common.pipeline import MixOfShowPipeline
 from ..common.wire import digest, fused_from_records, package_to_records
 from .data import PhotoFolderError, load_photo_folder
 from .trainer import denoising_loss, train_concept
@@ -283,10 +284,11 @@ def handle_evaluate(msg: Message, settings: ClientSettings) -> Message:
         own_table = ConceptTable()
         attach_package(own_base, own, own_table)
         own_loss = denoising_loss(own_base, own_table, photos, caption)
-        plain = f"a photo of a {own.concept.class_word}"
-        base_loss = denoising_loss(
-            _load_base(settings, fused.base_source or "tiny"), ConceptTable(), photos, plain
-        )
+        # the base itself: the fused model with its adapters off, on the class-word prompt
+        # (no concept token), so no third copy of the base is loaded
+        with MixOfShowPipeline(base, table).lora_scale(0.0):
+            plain = f"a photo of a {own.concept.class_word}"
+            base_loss = denoising_loss(base, table, photos, plain)
         gain = base_loss - own_loss
         metrics.update(
             fused_loss=fused_loss,

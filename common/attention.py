@@ -57,6 +57,15 @@ class AttentionMapRecorder:
         self.maps.clear()
 
 
+def layer_context(encoder_hidden_states: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """Layer ``layer``'s copy of a 4-D layer-wise encoding (a 3-D one is used as is)."""
+    if encoder_hidden_states is None:
+        raise ValueError("cross-attention needs encoder_hidden_states")
+    if encoder_hidden_states.ndim == 4:
+        return encoder_hidden_states[:, layer]
+    return encoder_hidden_states
+
+
 class LayerwiseCrossAttnProcessor:
     """Cross-attention that reads its own layer's copy of a 4-D text encoding.
 
@@ -84,10 +93,7 @@ class LayerwiseCrossAttnProcessor:
         temb: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        if encoder_hidden_states is None:
-            raise ValueError("cross-attention needs encoder_hidden_states")
-        if encoder_hidden_states.ndim == 4:
-            encoder_hidden_states = encoder_hidden_states[:, self.layer]
+        encoder_hidden_states = layer_context(encoder_hidden_states, self.layer)
         if self.kv_dropout > 0 and attn.training:
             encoder_hidden_states = F.dropout(encoder_hidden_states, p=self.kv_dropout)
         return attention_forward(
@@ -184,11 +190,7 @@ class RegionalCrossAttnProcessor:
         temb: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        if encoder_hidden_states is None:
-            raise ValueError("cross-attention needs encoder_hidden_states")
-        context = encoder_hidden_states
-        if context.ndim == 4:
-            context = context[:, self.layer]
+        context = layer_context(encoder_hidden_states, self.layer)
         t = self.tokens
         out = attention_forward(attn, hidden_states, context[:, :t])
         n = hidden_states.shape[1]

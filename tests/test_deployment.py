@@ -63,11 +63,8 @@ def wait(proc: Managed, timeout: float) -> int:
 
 def photo_folders(root: Path) -> dict[str, tuple[Path, str]]:
     out = {}
-    draws = {n: (c, d) for n, c, d in DEMO_CONCEPTS}
     for i, name in enumerate(("smiley1", "ring2", "star3", "face4", "ring5")):
-        class_word, draw = draws.get(name, (None, None)) or (None, None)
-        if draw is None:
-            _, class_word, draw = DEMO_CONCEPTS[i % 3]
+        _, class_word, draw = DEMO_CONCEPTS[i % len(DEMO_CONCEPTS)]  # face4: a face, ring5: a ring
         folder = root / name
         write_demo_photos(folder, count=2, seed=i, size=32, draw=draw)
         out[name] = (folder, class_word)
