@@ -10,6 +10,11 @@
 ``models/v<N>`` folder) attached to ``--base-model``. A box is ``x0,y0,x1,y1`` in fractions
 of the image (all values <= 1) or in pixels. The PNG carries the scene (JSON) in its
 ``mos-scene`` text chunk, so an image can be reproduced with ``--scene image.png``.
+
+T2I-Adapters guide the layout with a keypose or sketch: ``--adapter DIR_OR_HUB_ID
+--adapter-image pose.png [--adapter-weight 1.0]``, or in a scene several adapters
+(``adapters: [{name, model, image, weight}]``) and per-region weights
+(``regions: [{..., adapter_weights: {keypose: 0.0}}]``) that scale an adapter inside a box.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel as _Model
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..common.adapters import AdapterCondition, AdapterError, load_adapter, read_condition_image
 from ..common.base import TINY, BaseModelError, load_base_model
 from ..common.cli import UsageError, resolve_device, run_command
 from ..common.concepts import ConceptError, ConceptTable
@@ -43,6 +49,19 @@ class RegionSpec(_Model):
     prompt: str = Field(min_length=1)
     box: tuple[float, float, float, float]
     negative_prompt: str = ""
+    adapter_weights: dict[str, float] = Field(
+        default_factory=dict, description="adapter name -> its weight inside this box"
+    )
+
+
+class AdapterSpec(_Model):
+    """A T2I-Adapter (keypose, sketch, ...) and its condition image."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("adapter", min_length=1)
+    model: str = Field(min_length=1, description="a T2IAdapter folder or hub id")
+    image: str = Field(min_length=1, description="the condition image (keypose, sketch)")
+    weight: float = Field(1.0, ge=0, le=10, description="weight outside the regions' boxes")
 
 
 class Scene(_Model):
@@ -52,6 +71,7 @@ class Scene(_Model):
     prompt: str = Field(min_length=1)
     negative_prompt: str = ""
     regions: list[RegionSpec] = []
+    adapters: list[AdapterSpec] = []
     seed: int = Field(0, ge=0)
     steps: int = Field(25, ge=1, le=1000)
     guidance: float = Field(7.5, ge=0)
@@ -64,6 +84,20 @@ class Scene(_Model):
         if not v.strip():
             raise ValueError("the prompt is empty")
         return v
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> Scene:
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must differ: {names}")
+        for i, r in enumerate(self.regions):
+            unknown = sorted(set(r.adapter_weights) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"region {i + 1} sets a weight for adapter {unknown[0]!r}; the scene's "
+                    f"adapters are: {', '.join(names) or 'none'}"
+                )
+        return self
 
     def to_regions(self, width: int, height: int) -> list[Region]:
         return [
@@ -88,9 +122,19 @@ def read_scene(path: Path) -> Scene:
             data = yaml.safe_load(path.read_text())
         else:
             data = json.loads(path.read_text())
-        return Scene.model_validate(data)
+        scene = Scene.model_validate(data)
     except (ValueError, OSError) as err:  # ValidationError is a ValueError
         raise UsageError(f"--scene {path}: {err}") from err
+    for a in scene.adapters:  # relative paths are relative to the scene file
+        a.image = str(_near(path, a.image))
+        if _near(path, a.model).exists():  # else a hub id
+            a.model = str(_near(path, a.model))
+    return scene
+
+
+def _near(scene_path: Path, name: str) -> Path:
+    p = Path(name).expanduser()
+    return p if p.is_absolute() else (scene_path.parent / p).resolve()
 
 
 def parse_region(text: str) -> RegionSpec:
@@ -131,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--region", action="append", default=[], help="'PROMPT@x0,y0,x1,y1[@NEGATIVE]'")
     p.add_argument("--scene", type=Path, help="scene file (.json, .yaml) or a mos-sample PNG")
+    p.add_argument("--adapter", help="a T2I-Adapter folder or hub id (keypose, sketch)")
+    p.add_argument("--adapter-image", type=Path, help="the adapter's condition image")
+    p.add_argument("--adapter-weight", type=float, default=1.0, help="its global weight (1.0)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
@@ -151,6 +198,17 @@ def scene_from_args(args: argparse.Namespace) -> Scene:
         data["negative_prompt"] = args.negative_prompt
     if args.region:
         data["regions"] = [parse_region(r).model_dump() for r in args.region]
+    if args.adapter or args.adapter_image:
+        if not (args.adapter and args.adapter_image):
+            raise UsageError("--adapter and --adapter-image go together")
+        data["adapters"] = [
+            {
+                "name": "adapter",
+                "model": _absolute_if_local(args.adapter),
+                "image": str(args.adapter_image.expanduser().resolve()),
+                "weight": args.adapter_weight,
+            }
+        ]
     for key in ("seed", "steps", "guidance", "width", "height"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
@@ -162,6 +220,29 @@ def scene_from_args(args: argparse.Namespace) -> Scene:
         raise UsageError(
             "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         ) from err
+
+
+def _absolute_if_local(name: str) -> str:
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+def load_conditions(scene: Scene, num_regions: int) -> list[AdapterCondition]:
+    """Load each adapter and its image; per-region weights by the regions' order."""
+    conditions = []
+    for a in scene.adapters:
+        conditions.append(
+            AdapterCondition(
+                adapter=load_adapter(a.model),
+                image=read_condition_image(a.image),
+                weight=a.weight,
+                region_weights=tuple(r.adapter_weights.get(a.name) for r in scene.regions)
+                if num_regions
+                else (),
+                name=a.name,
+            )
+        )
+    return conditions
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -179,6 +260,9 @@ def run(args: argparse.Namespace) -> Path:
     regions = scene.to_regions(width, height)
     pipe = MixOfShowPipeline(base, concepts)
     _check_tokens(concepts, base, [scene.prompt, *(r.prompt for r in regions)])
+    adapters = load_conditions(scene, len(regions))
+    for cond in adapters:
+        cond.adapter.to(base.device)
     images = []
     for k in range(args.grid):
         gen = torch.Generator().manual_seed(scene.seed + k)
@@ -191,6 +275,7 @@ def run(args: argparse.Namespace) -> Path:
             height=height,
             generator=gen,
             regions=regions,
+            adapters=adapters,
             progress=True,
         )
     out = (
@@ -213,7 +298,7 @@ def _check_tokens(concepts: ConceptTable, base, prompts: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    errors = (BaseModelError, ConceptError, PackageError, RegionError, ValueError)
+    errors = (AdapterError, BaseModelError, ConceptError, PackageError, RegionError, ValueError)
     return run_command("mos-sample", build_parser(), run, errors, argv)
 
 

@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .adapters import AdapterCondition, adapter_features, check_adapter_fits
 from .attention import layerwise_cross_attention, regional_cross_attention
 from .base import BaseModel
 from .concepts import ConceptTable, encode_prompts
@@ -95,9 +96,11 @@ class MixOfShowPipeline:
         output_type: str = "pil",
         progress: bool = False,
         regions: Sequence[Region] = (),
+        adapters: Sequence[AdapterCondition] = (),
     ) -> list[Image.Image] | torch.Tensor:
         """Sample; with ``regions`` each region's prompt is drawn in its box (METHOD.md
-        section 3), the global prompt everywhere else."""
+        section 3), the global prompt everywhere else. ``adapters`` add T2I-Adapter
+        guidance (keypose, sketch) with a global weight and optional per-region weights."""
         b = self.base
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -131,6 +134,12 @@ class MixOfShowPipeline:
         else:
             attention = layerwise_cross_attention(b.unet)
 
+        for cond in adapters:
+            check_adapter_fits(cond.adapter, b.unet, factor)
+        features = adapter_features(
+            adapters, [r.box for r in regions], width, height, device, dtype
+        )
+
         with self.lora_scale(lora_scale), attention:
             cond = self._context(prompts, [r.prompt for r in regions])
             cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
@@ -156,7 +165,13 @@ class MixOfShowPipeline:
             for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling"):
                 model_in = torch.cat([latents] * 2) if do_cfg else latents
                 model_in = scheduler.scale_model_input(model_in, t)
-                eps = b.unet(model_in, t, encoder_hidden_states=context).sample
+                extra = {}
+                if features:  # the UNet pops from this list: a fresh one every step
+                    n = model_in.shape[0]
+                    extra["down_intrablock_additional_residuals"] = [
+                        f.expand(n, -1, -1, -1) for f in features
+                    ]
+                eps = b.unet(model_in, t, encoder_hidden_states=context, **extra).sample
                 if do_cfg:
                     eps_u, eps_c = eps.chunk(2)
                     eps = eps_u + guidance_scale * (eps_c - eps_u)

@@ -133,6 +133,11 @@ def test_a_region_changes_its_box_more_than_the_rest():
 
 @pytest.fixture
 def compact_model(tmp_path):
+    return _compact_model(tmp_path)
+
+
+def _compact_model(tmp_path):
+    """A compact fused model of two random concepts (dog1, cat2) on the tiny base."""
     from mos.common.fused import FusedModel
     from mos.server.fusion import FusionEngine
     from tests.conftest import random_package
