@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mos-client",
         description="Tune an ED-LoRA concept on your photos and write a concept package "
         "(only LoRA weights and embeddings; your photos never leave this machine).",
+        epilog="Fetch the server's latest fused model at any time: mos-client pull --hub "
+        "HOST:PORT (see mos-client pull --help).",
     )
     p.add_argument("--data", required=True, type=Path, help="folder of photos (jpg/png/webp)")
     p.add_argument("--concept", required=True, help="concept name, e.g. '<dog1>' or dog1")
@@ -189,6 +191,11 @@ def validation_grid(base, concepts, token: str, steps: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["pull"]:  # mos-client pull --hub HOST:PORT ...
+        from .pull import main as pull_main
+
+        return pull_main(args[1:])
     return run_command(
         "mos-client",
         build_parser(),

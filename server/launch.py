@@ -166,6 +166,17 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, default=Path("mos-server-state"))
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     p.add_argument("--port", type=int, default=9092)
+    p.add_argument(
+        "--hub-port",
+        type=int,
+        default=9093,
+        help="the model hub's port (mos-client pull; same TLS and keys); 0: no hub",
+    )
+    p.add_argument(
+        "--stay",
+        action="store_true",
+        help="after the run, keep serving the model hub until Ctrl-C",
+    )
     tls = p.add_argument_group("TLS and SuperNode authentication")
     tls.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM)")
     tls.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
@@ -227,8 +238,11 @@ def run_server(args: argparse.Namespace) -> dict:
     if args.enable_supernode_auth:
         cmd.append("--enable-supernode-auth")
     started = time.time()
+    hub = None
     superlink = Managed(cmd, flower_env(home), state / "logs" / "superlink.log")
     try:
+        if args.hub_port:
+            hub = start_hub(state, args)
         superlink.wait_for_port(connect, args.port)
         print(
             f"SuperLink on {args.host}:{args.port} (pid {superlink.pid}); clients join with:\n"
@@ -247,10 +261,44 @@ def run_server(args: argparse.Namespace) -> dict:
                 raise LaunchError(f"registering {key} failed: {reg.stdout}{reg.stderr}")
             log.info("registered SuperNode key %s", key)
         result = _run_app(app_dir, home, run_config, state, started)
+        superlink.stop()
+        _summary(result)
+        if hub is not None and args.stay:
+            print(
+                f"model hub still serving on {args.host}:{args.hub_port}; Ctrl-C to stop",
+                flush=True,
+            )
+            while True:
+                time.sleep(3600)
     finally:
         superlink.stop()
-    _summary(result)
+        if hub is not None:
+            hub.stop(grace=1.0).wait()
     return result
+
+
+def start_hub(state: Path, args: argparse.Namespace):
+    """The model hub beside the SuperLink: same TLS certificate, same SuperNode keys."""
+    from ..common.hubauth import KeyRing
+    from .hub import serve_hub
+
+    keys = KeyRing.from_files(args.supernode_public_key) if args.enable_supernode_auth else None
+    try:
+        hub = serve_hub(
+            state,
+            f"{args.host}:{args.hub_port}",
+            certfile=args.ssl_certfile,
+            keyfile=args.ssl_keyfile,
+            keys=keys,
+        )
+    except (OSError, RuntimeError) as err:
+        raise LaunchError(f"the model hub cannot start on port {args.hub_port}: {err}") from err
+    print(
+        f"model hub on {args.host}:{args.hub_port}; anyone registered fetches the latest model "
+        f"with: mos-client pull --hub HOST:{args.hub_port}",
+        flush=True,
+    )
+    return hub
 
 
 def server_main(argv: list[str] | None = None) -> int:
