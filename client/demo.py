@@ -1,11 +1,17 @@
-"""``mos-demo``: the README's main command, end to end on the built-in tiny model.
+"""``mos-demo``: the README's main command, end to end on the built-in toy model.
 
-It draws a few "photos" of three made-up concepts (a smiling face with a red hat, a blue
-ring, a green star), one folder per client, and runs the federation on them with Flower's
-simulation engine (``mos-simulate``): each virtual client tunes its concept with ED-LoRA and
-uploads only its package; the server fuses them and sends the fused model back. In
-``--out``: ``server/`` (registry, ``models/v1`` with the fused model and its fidelity report)
-and ``clients/<name>/`` (each client's package and its copy of the fused model).
+It draws eight "photos" of each of three toy-world concepts (a red-and-white checker, a blue
+ring with a yellow centre, a blue house with a red roof; ``mos.toyworld``), one folder per
+client, and runs the federation on them with Flower's simulation engine
+(``mos-simulate``): each virtual client tunes its concept with ED-LoRA and uploads only its
+package; the server fuses them and sends the fused model back. Then it composes the three
+concepts side by side with regional sampling and checks with the toy world's detector that
+each is drawn in its own box. In ``--out``: ``server/`` (registry, ``models/v1`` with the
+fused model and its fidelity report), ``clients/<name>/`` (each client's package and its
+copy of the fused model) and ``composed.png``.
+
+``--base-model tiny`` runs the same federation on the random tiny model with the older
+made-up sprites (a face with a red hat, a blue ring, a green star), without composing.
 """
 
 from __future__ import annotations
@@ -104,6 +110,38 @@ def write_client_folders(root: Path, count: int = 6, size: int = 96) -> list[Pat
     return folders
 
 
+TOY_DEMO_CONCEPTS = ("checker", "ring", "house")
+
+
+def write_toy_folders(root: Path, count: int = 8) -> list[Path]:
+    """One photo folder per toy-world demo client, each with its ``.mos-client.json``."""
+    from ..toyworld.evaluate import write_concept_folder
+
+    return [write_concept_folder(root / name, name, count, seed=0) for name in TOY_DEMO_CONCEPTS]
+
+
+def compose(out: Path, names: list[str], seeds: int = 4) -> Path:
+    """Draw ``names`` side by side from the latest fused model; report where each is found."""
+    from ..common.base import load_base_model
+    from ..common.fused import COMPACT_FILE, FusedModel
+    from ..common.images import image_grid
+    from ..common.pipeline import MixOfShowPipeline
+    from ..toyworld import evaluate as ev
+
+    models = sorted((out / "server" / "models").glob("v*"), key=lambda p: int(p.name[1:]))
+    fused = FusedModel.load_compact(models[-1] / COMPACT_FILE)
+    base = load_base_model("toy")
+    pipe = MixOfShowPipeline(base, fused.attach(base))
+    placed = ev.placement(pipe, names, seeds, seed=0)
+    path = out / "composed.png"
+    labels = [f"seed {k}" for k in range(seeds)]
+    image_grid([placed.images], [" | ".join(f"<{n}>" for n in names)], labels).save(path)
+    for name, rate in zip(names, placed.in_own_box, strict=True):
+        print(f"mos-demo: <{name}> found in its own box in {rate:.0%} of {seeds} seeds")
+    print(f"mos-demo: all {len(names)} in their boxes (and not elsewhere): {placed.all_placed:.0%}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..server.launch import simulate_main
 
@@ -111,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo-out"))
     p.add_argument("--steps", type=int, default=300, help="ED-LoRA steps on each client")
     p.add_argument("--clients", type=int, default=3, choices=(1, 2, 3))
+    p.add_argument("--base-model", default="toy", choices=("toy", "tiny"))
     args = p.parse_args(argv)
-    folders = write_client_folders(args.out / "photos")
+    toy = args.base_model == "toy"
+    folders = (write_toy_folders if toy else write_client_folders)(args.out / "photos")
     print(f"mos-demo: wrote the photos of {len(folders)} clients to {args.out / 'photos'}")
     code = simulate_main(
         [
@@ -124,14 +164,21 @@ def main(argv: list[str] | None = None) -> int:
             str(args.out),
             "--steps",
             str(args.steps),
+            "--base-model",
+            args.base_model,
         ]
     )
-    if code == 0:
-        print(
-            f"mos-demo: done. The fused model and its report: {args.out}/server/models/; "
-            f"each client's copy: {args.out}/clients/<name>/fused/"
-        )
-    return code
+    if code != 0:
+        return code
+    print(
+        f"mos-demo: the fused model and its report: {args.out}/server/models/; "
+        f"each client's copy: {args.out}/clients/<name>/fused/"
+    )
+    if toy:
+        names = sorted(f.name for f in folders)[: args.clients]
+        path = compose(args.out, names)
+        print(f"mos-demo: done. The concepts composed by regional sampling: {path}")
+    return 0
 
 
 if __name__ == "__main__":

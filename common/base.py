@@ -7,6 +7,8 @@ that concept packages are checked against, and where it came from.
 ``tiny`` is SD 1.x-shaped (cross-attention at two resolutions, AutoencoderKL, CLIP text
 encoder, a CLIP-format tokenizer with whole-word tokens) and small enough that tests and
 the demo run on a laptop CPU; it is built from a seed, deterministically, without network.
+``toy`` has the same layout, slightly wider, with weights trained on the toy world
+(``mos.toyworld``: coloured shapes, 32 px), so its samples follow their prompts.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TOY = "toy"
 # SD 1.x's noise schedule (scaled-linear betas, 1000 steps). clip_sample must stay off for
 # latent models (TOYWORLD-NOTES: clipping predicted latents wrecks sampling).
 SD_SCHEDULER_CONFIG = {
@@ -235,6 +238,17 @@ def build_tiny(seed: int = 0) -> BaseModel:
     return BaseModel.from_components(tokenizer, text_encoder, unet, vae, source)
 
 
+def build_toy() -> BaseModel:
+    """The toy world's trained base model (weights shipped with the package)."""
+    from mos.toyworld.model import load_toy_components
+
+    try:
+        tokenizer, text_encoder, unet, vae, _ = load_toy_components()
+    except (FileNotFoundError, ValueError) as err:
+        raise BaseModelError(str(err)) from err
+    return BaseModel.from_components(tokenizer, text_encoder, unet, vae, TOY)
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -246,7 +260,8 @@ def load_base_model(
 ) -> BaseModel:
     """Load a base model from ``spec``.
 
-    - ``tiny`` (or ``tiny:SEED``): the built-in tiny model;
+    - ``tiny`` (or ``tiny:SEED``): the built-in tiny model (random weights);
+    - ``toy``: the toy world's trained base model (``mos.toyworld``, 32 px shapes);
     - a folder with ``model_index.json``: a diffusers Stable Diffusion folder;
     - a ``.safetensors`` file: a single-file SD 1.x checkpoint (original LDM key names).
       Offline it needs ``config``, a local diffusers folder of the same architecture
@@ -254,6 +269,8 @@ def load_base_model(
     - anything shaped ``owner/name``: a Hugging Face hub id (needs the network).
     """
     spec_str = str(spec)
+    if spec_str == TOY:
+        return build_toy().to("cpu", dtype)
     if spec_str == TINY or spec_str.startswith(TINY + ":"):
         seed_text = spec_str.partition(":")[2] or "0"
         if not seed_text.isdigit():

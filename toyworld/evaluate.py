@@ -1,0 +1,185 @@
+"""Measuring identity, fusion and regional placement on the toy world.
+
+Thin helpers over the project's own pipeline and trainer, shared by the claims benchmark
+(``benchmarks/bench_toyworld.py``), the tests and the demo:
+
+- ``write_concept_folder`` draws a concept's "photos" into a folder a client can use;
+- ``tune`` runs ED-LoRA (or vanilla LoRA) on them;
+- ``identity`` samples "a photo of a <TOK>" and scores the samples with the detector;
+- ``placement`` samples concepts in boxes and checks each is found in its own box and not
+  in the others'.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mos.common.base import TOY, BaseModel, load_base_model
+from mos.common.config import TrainConfig
+from mos.common.fused import FusedModel
+from mos.common.package import ConceptPackage
+from mos.common.pipeline import MixOfShowPipeline
+from mos.common.regions import Box, Region
+
+from .analyse import ConceptDetector
+from .world import COLOURS, CONCEPTS, article, concept_photos
+
+DETECTED = 0.5  # detector score from which a concept counts as present (see RESULTS.md)
+SAMPLE_STEPS = 25
+GUIDANCE = 4.0
+
+
+def write_concept_folder(folder: Path, name: str, count: int = 8, seed: int = 0) -> Path:
+    """``count`` photos of toy concept ``name`` and the folder's ``.mos-client.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(concept_photos(name, count, seed)):
+        img.save(folder / f"{i:02d}.png")
+    (folder / ".mos-client.json").write_text(
+        json.dumps({"concept": name, "class_word": CONCEPTS[name].class_word})
+    )
+    return folder
+
+
+def toy_base() -> BaseModel:
+    """A fresh copy of the toy base (tuning and attaching concepts modify a base)."""
+    return load_base_model(TOY)
+
+
+def tune(name: str, config: TrainConfig, photos_seed: int = 0, count: int = 8) -> ConceptPackage:
+    """Tune toy concept ``name`` on ``count`` generated photos, on a fresh toy base."""
+    import tempfile
+
+    from mos.client.data import load_photo_folder
+    from mos.client.trainer import train_concept
+
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = load_photo_folder(write_concept_folder(Path(tmp), name, count, photos_seed))
+    base = toy_base()
+    return train_concept(
+        base, photos, name, CONCEPTS[name].class_word, config, progress=False
+    ).package
+
+
+def single_concept_pipeline(package: ConceptPackage) -> MixOfShowPipeline:
+    return MixOfShowPipeline.from_packages(toy_base(), [package])
+
+
+def fused_pipeline(fused: FusedModel) -> MixOfShowPipeline:
+    base = toy_base()
+    return MixOfShowPipeline(base, fused.attach(base))
+
+
+@torch.no_grad()
+def samples(
+    pipe: MixOfShowPipeline,
+    prompt: str,
+    n: int,
+    seed: int = 0,
+    *,
+    regions: Sequence[Region] = (),
+    lora_scale: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    batch: int = 16,
+) -> list[Image.Image]:
+    out: list[Image.Image] = []
+    gen = torch.Generator().manual_seed(seed)
+    while len(out) < n:
+        k = min(batch, n - len(out))
+        out += pipe(
+            [prompt] * k,
+            num_inference_steps=SAMPLE_STEPS,
+            guidance_scale=GUIDANCE,
+            generator=gen,
+            regions=regions,
+            lora_scale=lora_scale,
+            width=width,
+            height=height,
+        )
+    return out
+
+
+@dataclass
+class Identity:
+    name: str
+    mean_score: float
+    detected: float  # fraction of samples with score >= DETECTED
+    scores: list[float]
+
+
+def identity(images: Sequence[Image.Image], name: str) -> Identity:
+    det = ConceptDetector(name)
+    scores = [det.score(img) for img in images]
+    return Identity(
+        name,
+        sum(scores) / len(scores),
+        sum(s >= DETECTED for s in scores) / len(scores),
+        scores,
+    )
+
+
+def concept_identity(
+    pipe: MixOfShowPipeline, name: str, n: int = 16, seed: int = 0, lora_scale: float | None = None
+) -> Identity:
+    return identity(samples(pipe, f"a photo of a <{name}>", n, seed, lora_scale=lora_scale), name)
+
+
+def background_for(names: Sequence[str]) -> str:
+    """The first palette colour that none of the concepts uses (else the last colour)."""
+    used = {c for n in names for c in CONCEPTS[n].colours}
+    return next((c for c in COLOURS if c not in used), COLOURS[-1])
+
+
+def side_by_side_boxes(k: int) -> list[Box]:
+    """``k`` vertical strips, slightly inset."""
+    return [(i / k, 0.1, (i + 1) / k, 0.9) for i in range(k)]
+
+
+@dataclass
+class Placement:
+    names: list[str]
+    boxes: list[Box]
+    in_own_box: list[float]  # per concept: fraction of seeds where it is found in its box
+    all_placed: float  # fraction of seeds where every concept is in its box and in no other
+    images: list[Image.Image]
+
+
+def placement(
+    pipe: MixOfShowPipeline,
+    names: Sequence[str],
+    n: int = 8,
+    seed: int = 0,
+    *,
+    regional: bool = True,
+    width: int | None = None,
+) -> Placement:
+    """Sample ``names`` side by side (regional prompts in strips, or one plain prompt
+    naming them all) and check where the detector finds each."""
+    boxes = side_by_side_boxes(len(names))
+    bg = background_for(names)
+    where = f"on {article(bg)} {bg} background"
+    prompt = " and ".join(f"a <{n}>" for n in names) + f" {where}"
+    regions = [Region(f"a <{n}> {where}", b) for n, b in zip(names, boxes, strict=True)]
+    width = width or 32 * len(names)
+    images = samples(
+        pipe, prompt, n, seed, regions=regions if regional else (), width=width, height=32
+    )
+    dets = {name: ConceptDetector(name) for name in names}
+    own = [0] * len(names)
+    every = 0
+    for img in images:
+        ok_all = True
+        for i, name in enumerate(names):
+            scores = [dets[name].score(img, box) for box in boxes]
+            here = scores[i] >= DETECTED
+            elsewhere = any(s >= DETECTED for j, s in enumerate(scores) if j != i)
+            own[i] += here
+            ok_all &= here and not elsewhere
+        every += ok_all
+    return Placement(list(names), boxes, [o / n for o in own], every / n, images)

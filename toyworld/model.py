@@ -1,0 +1,133 @@
+"""The toy world's base model: SD 1.x-shaped, small, trained by ``toyworld.train``.
+
+``load_toy()`` builds the architecture from ``toy_configs()`` and loads the committed
+weights (``toyworld/weights/toy-base.safetensors``, fp16, a few MB), so ``--base-model toy``
+works offline like ``tiny``. The tokenizer is the tiny model's CLIP-format BPE tokenizer
+over its word list plus the toy world's words.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from mos.common.tokenizer import build_tiny_tokenizer, default_words
+
+from .world import WORDS
+
+WEIGHTS = Path(__file__).parent / "weights" / "toy-base.safetensors"
+TOY = "toy"
+
+
+def toy_tokenizer() -> CLIPTokenizer:
+    return build_tiny_tokenizer(list(dict.fromkeys(default_words() + list(WORDS))))
+
+
+def toy_configs() -> dict[str, dict]:
+    """32 px images, latents 4x16x16; cross-attention at 16x16 and 8x8 (and the mid block)."""
+    return {
+        "unet": dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        ),
+        "text_encoder": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=64,
+        ),
+    }
+
+
+def build_toy_architecture(
+    tokenizer: CLIPTokenizer | None = None, seed: int = 0
+) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """The untrained toy model (random weights from ``seed``)."""
+    tokenizer = tokenizer or toy_tokenizer()
+    configs = toy_configs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **configs["text_encoder"],
+            )
+        )
+    return tokenizer, text_encoder, unet, vae
+
+
+def save_toy_weights(
+    path: Path,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    info: dict,
+) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+        for name, t in module.state_dict().items():
+            tensors[f"{prefix}.{name}"] = t.detach().to("cpu", torch.float16).contiguous()
+    meta = {"format": "mos-toy-base", "info": json.dumps(info, sort_keys=True)}
+    meta["vae_scaling_factor"] = str(float(vae.config.scaling_factor))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_toy_components(
+    path: Path = WEIGHTS,
+) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, AutoencoderKL, dict]:
+    """The trained toy model's components (fp32) and its training info."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the toy model's weights are missing; train them with "
+            "`python -m mos.toyworld.train` (see benchmarks/README.md)"
+        )
+    tokenizer, text_encoder, unet, vae = build_toy_architecture()
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "mos-toy-base":
+            raise ValueError(f"{path}: not a toy base model file")
+        for prefix, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+            state = {
+                k[len(prefix) + 1 :]: f.get_tensor(k).float()
+                for k in f.keys()  # noqa: SIM118 - safe_open is not iterable
+                if k.startswith(prefix + ".")
+            }
+            module.load_state_dict(state, strict=True)
+    vae.register_to_config(scaling_factor=float(meta["vae_scaling_factor"]))
+    return tokenizer, text_encoder, unet, vae, json.loads(meta.get("info", "{}"))

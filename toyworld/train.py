@@ -1,0 +1,340 @@
+"""Train the toy world's base model (``--base-model toy``) from a fixed seed.
+
+    python -m mos.toyworld.train --out toyworld/weights/toy-base.safetensors
+
+Two phases on generated data (``toyworld.world``):
+
+1. the VAE (AutoencoderKL, 32 px -> 4x16x16 latents): L1 + MSE reconstruction and a small
+   KL term; its latents' standard deviation sets ``scaling_factor``;
+2. the UNet and the CLIP text encoder together, from scratch, on the cached latents
+   (epsilon prediction, SD 1.x's noise schedule, 10% empty captions for classifier-free
+   guidance, an EMA of the weights).
+
+Captions vary ("a red circle on a blue background", "a photo of a red circle", "a circle",
+two objects joined by "and"), so prompts such as "a photo of a <TOK>" and region prompts
+make sense to the model. A fifth of the (colour, shape, background) triples is held out
+and measured at the end: ``toyworld.analyse`` reads held-out samples back.
+Progress is logged; the loss curve is written as PNG beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mos.common.base import SD_SCHEDULER_CONFIG, BaseModel
+from mos.common.concepts import tokenize
+
+from . import world
+from .analyse import analyse
+from .model import TOY, WEIGHTS, build_toy_architecture, save_toy_weights
+
+log = logging.getLogger("mos.toyworld.train")
+
+
+def caption_variants(scene: world.Scene, rng: random.Random) -> str:
+    """One of several phrasings of a scene's caption (attributes sometimes left out)."""
+    if len(scene.things) > 1 or rng.random() < 0.6:
+        text = scene.caption
+    else:
+        t = scene.things[0]
+        colour = f"{t.colour} " if rng.random() < 0.5 else ""
+        text = f"{world.article(colour or t.shape)} {colour}{t.shape}"
+        if rng.random() < 0.5:
+            text += f" on {world.article(scene.background)} {scene.background} background"
+    if rng.random() < 0.3:
+        text = f"a photo of {text}"
+    return text
+
+
+def make_dataset(n: int, seed: int, two_object_fraction: float = 0.25):
+    """``n`` images (uint8 [n, 3, 32, 32]) and their scenes, held-out triples excluded."""
+    rng = random.Random(seed)
+    held = world.held_out_triples()
+    scenes = [
+        world.random_scene(
+            rng, n_objects=2 if rng.random() < two_object_fraction else 1, exclude=held
+        )
+        for _ in range(n)
+    ]
+    images = np.stack([np.asarray(world.render_scene(s)) for s in scenes]).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(images)), scenes
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1.0
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator):
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    bar = tqdm(range(steps), desc="vae", mininterval=5)
+    for step in bar:
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x = to_unit(images[idx])
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=gen)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = (
+                lr
+                * min(1.0, (step + 1) / 50)
+                * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            )
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(
+    vae, images: torch.Tensor, batch: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch), desc="encode", mininterval=5):
+        post = vae.encode(to_unit(images[i : i + batch])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_denoiser(
+    unet, text_encoder, tokenizer, means, stds, captions_of, steps, batch, lr, gen, ema_decay
+):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    for m in (unet, text_encoder):
+        m.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = [
+        copy.deepcopy(unet).eval().requires_grad_(False),
+        copy.deepcopy(text_encoder).eval().requires_grad_(False),
+    ]
+    ema_params = [p for m in ema for p in m.parameters()]
+    sf = 1.0  # latents arrive scaled
+    losses = []
+    bar = tqdm(range(steps), desc="unet+text", mininterval=10)
+    for step in bar:
+        idx = torch.randint(0, len(means), (batch,), generator=gen)
+        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        noisy = sched.add_noise(z, noise, t)
+        ids = tokenize(tokenizer, captions_of(idx.tolist(), step))
+        context = text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        warm = min(1.0, (step + 1) / 200)
+        cos = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr * warm * cos
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        losses.append(float(loss.detach()))
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        if step and step % 1000 == 0:
+            log.info(
+                "step %d/%d: loss %.4f (mean of last 1000)", step, steps, np.mean(losses[-1000:])
+            )
+    for m in (unet, text_encoder):
+        m.eval().requires_grad_(False)
+    return ema[0], ema[1], losses
+
+
+def held_out_prompts(n: int, seed: int = 7) -> list[tuple[str, str, str]]:
+    triples = sorted(world.held_out_triples())
+    rng = random.Random(seed)
+    return rng.sample(triples, min(n, len(triples)))
+
+
+@torch.no_grad()
+def adherence(
+    base: BaseModel, n: int = 96, steps: int = 25, guidance: float = 4.0, seed: int = 0
+) -> dict:
+    """Sample held-out prompts; how often the analyser reads back each attribute."""
+    from mos.common.pipeline import MixOfShowPipeline
+
+    pipe = MixOfShowPipeline(base)
+    triples = held_out_prompts(n)
+    hits = {"colour": 0, "shape": 0, "background": 0, "all": 0}
+    images = []
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(0, len(triples), 32):
+        chunk = triples[i : i + 32]
+        prompts = [world.Scene(b, (world.Thing(c, s, 0, 0, 0),)).caption for c, s, b in chunk]
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen)
+        for (c, s, b), img in zip(chunk, out, strict=True):
+            r = analyse(img)
+            hits["colour"] += r.colour == c
+            hits["shape"] += r.shape == s
+            hits["background"] += r.background == b
+            hits["all"] += r.matches(c, s, b)
+            images.append(img)
+    return {k: v / len(triples) for k, v in hits.items()} | {"n": len(triples), "images": images}
+
+
+def save_grid(images, path: Path, cols: int = 16, scale: int = 3) -> None:
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    grid.resize((cols * w * scale, rows * h * scale), Image.Resampling.NEAREST).save(path)
+
+
+def save_loss_png(curves: dict[str, list[float]], path: Path) -> None:
+    """A loss-curve PNG drawn with PIL (log scale, moving average)."""
+    from PIL import Image, ImageDraw
+
+    width, height, pad = 640, 240, 30
+    img = Image.new("RGB", (width, height * len(curves)), "white")
+    d = ImageDraw.Draw(img)
+    for row, (name, values) in enumerate(curves.items()):
+        k = max(1, len(values) // 200)
+        smooth = np.convolve(np.log10(np.maximum(values, 1e-8)), np.ones(k) / k, mode="valid")
+        lo, hi = float(smooth.min()), float(smooth.max()) or 1.0
+        y0 = row * height
+        pts = [
+            (
+                pad + (width - 2 * pad) * i / max(1, len(smooth) - 1),
+                y0 + height - pad - (height - 2 * pad) * (v - lo) / max(hi - lo, 1e-6),
+            )
+            for i, v in enumerate(smooth)
+        ]
+        d.rectangle((pad, y0 + pad, width - pad, y0 + height - pad), outline="gray")
+        d.line(pts, fill="navy", width=2)
+        d.text(
+            (pad + 4, y0 + 8),
+            f"{name}: log10 loss {10**hi:.3g} -> {10 ** smooth[-1]:.3g} ({len(values)} steps)",
+            fill="black",
+        )
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mos.toyworld.train", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--out", type=Path, default=WEIGHTS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=60000)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--eval-prompts", type=int, default=96)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    t_start = time.time()
+
+    log.info("drawing %d training images", args.images)
+    images, scenes = make_dataset(args.images, args.seed)
+    tokenizer, text_encoder, unet, vae = build_toy_architecture(seed=args.seed)
+    log.info(
+        "parameters: unet %.2f M, vae %.2f M, text encoder %.2f M",
+        *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (unet, vae, text_encoder)),
+    )
+    t0 = time.time()
+    vae_losses = train_vae(vae, images, args.vae_steps, args.vae_batch, 1e-3, gen)
+    vae_s = time.time() - t0
+    means, stds = encode_latents(vae, images)
+    scaling = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling)
+    log.info(
+        "vae: %.0f s, final loss %.4f, scaling factor %.3f",
+        vae_s,
+        np.mean(vae_losses[-50:]),
+        scaling,
+    )
+    means, stds = means * scaling, stds * scaling
+
+    cap_rng = random.Random(args.seed + 1)
+
+    def captions_of(idx: list[int], step: int) -> list[str]:
+        return ["" if cap_rng.random() < 0.1 else caption_variants(scenes[i], cap_rng) for i in idx]
+
+    t0 = time.time()
+    ema_unet, ema_text, unet_losses = train_denoiser(
+        unet,
+        text_encoder,
+        tokenizer,
+        means,
+        stds,
+        captions_of,
+        args.steps,
+        args.batch,
+        args.lr,
+        gen,
+        args.ema,
+    )
+    unet_s = time.time() - t0
+    info = {
+        "seed": args.seed,
+        "images": args.images,
+        "vae_steps": args.vae_steps,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "ema": args.ema,
+        "vae_seconds": round(vae_s),
+        "unet_seconds": round(unet_s),
+        "torch_threads": torch.get_num_threads(),
+        "final_loss": round(float(np.mean(unet_losses[-200:])), 4),
+    }
+    save_toy_weights(args.out, ema_text, ema_unet, vae, info)
+    save_loss_png(
+        {"vae": vae_losses, "unet + text encoder": unet_losses}, args.out.with_suffix(".loss.png")
+    )
+    log.info("wrote %s (%.1f MB)", args.out, args.out.stat().st_size / 1e6)
+
+    base = BaseModel.from_components(tokenizer, ema_text, ema_unet, vae, TOY)
+    result = adherence(base, n=args.eval_prompts)
+    save_grid(result.pop("images"), args.out.with_suffix(".samples.png"))
+    info["held_out_adherence"] = {
+        k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()
+    }
+    info["total_seconds"] = round(time.time() - t_start)
+    args.out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    log.info("held-out prompts: %s", info["held_out_adherence"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

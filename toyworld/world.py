@@ -1,0 +1,268 @@
+"""The toy world: coloured shapes on coloured backgrounds, and personal concepts.
+
+Base-world images (32x32 px) show one or two filled shapes (circle, square, triangle) in
+one of eight colours on a background of another, captioned "a red circle on a blue
+background" or "a red circle and a blue square on a green background". Personal concepts
+are multi-coloured sprites the base model never sees (a red-and-white checker square, a
+blue ring with a yellow centre, ...); each has a generator of "photos" (position, scale
+and background vary). Everything is drawn at 4x and box-filtered down, so edges are
+anti-aliased, and is a pure function of its random generator.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+SIZE = 32  # px, the base model's native resolution
+SUPERSAMPLE = 4
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (245, 225, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 220),
+    "purple": (140, 50, 190),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle")
+# Extra words of the toy world's tokenizer beyond the tiny model's vocabulary.
+WORDS = ("circle", "square", "triangle", "checker", "ring", "flag", "mushroom", "diamond")
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _rgb(name: str) -> tuple[int, int, int]:
+    return PALETTE[name]
+
+
+def draw_shape(
+    d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: object
+) -> None:
+    """A filled shape of half-size ``r`` centred at (cx, cy), in the drawing's pixels."""
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; the world has {', '.join(SHAPES)}")
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One object of a scene: colour, shape, centre and half-size in output pixels."""
+
+    colour: str
+    shape: str
+    cx: float
+    cy: float
+    r: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    things: tuple[Thing, ...]
+
+    @property
+    def caption(self) -> str:
+        objects = " and ".join(f"{article(t.colour)} {t.colour} {t.shape}" for t in self.things)
+        return f"{objects} on a {self.background} background"
+
+
+def render_scene(scene: Scene, size: int = SIZE) -> Image.Image:
+    s = SUPERSAMPLE
+    img = Image.new("RGB", (size * s, size * s), _rgb(scene.background))
+    d = ImageDraw.Draw(img)
+    for t in scene.things:
+        draw_shape(d, t.shape, t.cx * s, t.cy * s, t.r * s, _rgb(t.colour))
+    return img.resize((size, size), Image.Resampling.BOX)
+
+
+def random_scene(
+    rng: random.Random,
+    *,
+    n_objects: int = 1,
+    exclude: frozenset[tuple[str, str, str]] = frozenset(),
+    size: int = SIZE,
+) -> Scene:
+    """A random scene; single-object scenes avoid the (colour, shape, background) in ``exclude``."""
+    while True:
+        bg = rng.choice(COLOURS)
+        things: list[Thing] = []
+        for i in range(n_objects):
+            colour = rng.choice([c for c in COLOURS if c != bg])
+            shape = rng.choice(SHAPES)
+            if n_objects == 1:
+                r = rng.uniform(6, 11) * size / SIZE
+                cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+            else:  # side by side: one object per half, left or right first
+                r = rng.uniform(4.5, 7.5) * size / SIZE
+                half = size / n_objects
+                cx = rng.uniform(half * i + r, half * (i + 1) - r)
+                cy = rng.uniform(r, size - r)
+            things.append(Thing(colour, shape, cx, cy, r))
+        if n_objects > 1 and rng.random() < 0.5:
+            things.reverse()  # captions name left and right objects in either order
+        scene = Scene(bg, tuple(things))
+        if n_objects == 1 and (things[0].colour, things[0].shape, bg) in exclude:
+            continue
+        return scene
+
+
+def held_out_triples(seed: int = 1234, fraction: float = 0.2) -> frozenset[tuple[str, str, str]]:
+    """(colour, shape, background) triples the base model never sees as single objects."""
+    triples = [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if c != b]
+    rng = random.Random(seed)
+    rng.shuffle(triples)
+    return frozenset(triples[: int(len(triples) * fraction)])
+
+
+# --- personal concepts ------------------------------------------------------------------
+
+# A part drawer: (draw, cx, cy, r, fill_of_part) where fill_of_part(i) gives part i's fill.
+PartDrawer = Callable[[ImageDraw.ImageDraw, float, float, float, Callable[[int], object]], None]
+
+
+@dataclass(frozen=True)
+class ConceptSprite:
+    """A personal concept: parts in fixed colours, drawn by ``draw_parts``."""
+
+    name: str
+    class_word: str
+    description: str
+    colours: tuple[str, ...]  # one per part
+    draw_parts: PartDrawer
+
+    def draw(self, d: ImageDraw.ImageDraw, cx: float, cy: float, r: float) -> None:
+        self.draw_parts(d, cx, cy, r, lambda i: _rgb(self.colours[i]))
+
+    def part_masks(self, r: float, size: int | None = None) -> list[Image.Image]:
+        """One anti-aliased L-mode mask per part, the sprite centred in a (2r+1)-px square."""
+        s = SUPERSAMPLE
+        size = size or int(2 * round(r) + 1)
+        masks = []
+        for p in range(len(self.colours)):
+            m = Image.new("L", (size * s, size * s), 0)
+            self.draw_parts(
+                ImageDraw.Draw(m), size * s / 2, size * s / 2, r * s, lambda i, p=p: 255 * (i == p)
+            )
+            masks.append(m.resize((size, size), Image.Resampling.BOX))
+        return masks
+
+
+def _checker(d, cx, cy, r, fill):
+    d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill(0))
+    d.rectangle((cx, cy - r, cx + r, cy), fill=fill(1))
+    d.rectangle((cx - r, cy, cx, cy + r), fill=fill(1))
+
+
+def _ring(d, cx, cy, r, fill):
+    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill(0))
+    h = r * 0.5
+    d.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill(1))
+
+
+def _halfmoon(d, cx, cy, r, fill):
+    d.pieslice((cx - r, cy - r, cx + r, cy + r), 90, 270, fill=fill(0))
+    d.pieslice((cx - r, cy - r, cx + r, cy + r), 270, 90, fill=fill(1))
+
+
+def _flag(d, cx, cy, r, fill):
+    w = 2 * r / 3
+    for i in range(3):
+        d.rectangle((cx - r + i * w, cy - r, cx - r + (i + 1) * w, cy + r), fill=fill(i))
+
+
+def _house(d, cx, cy, r, fill):
+    d.rectangle((cx - r * 0.8, cy - r * 0.1, cx + r * 0.8, cy + r), fill=fill(0))
+    d.polygon([(cx, cy - r), (cx + r, cy - r * 0.1), (cx - r, cy - r * 0.1)], fill=fill(1))
+
+
+def _swiss(d, cx, cy, r, fill):
+    d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill(0))
+    a, b = r * 0.6, r * 0.22
+    d.rectangle((cx - a, cy - b, cx + a, cy + b), fill=fill(1))
+    d.rectangle((cx - b, cy - a, cx + b, cy + a), fill=fill(1))
+
+
+def _diamond(d, cx, cy, r, fill):
+    d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill(0))
+    h = r * 0.35
+    d.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill(1))
+
+
+def _mushroom(d, cx, cy, r, fill):
+    d.rectangle((cx - r * 0.35, cy - r * 0.1, cx + r * 0.35, cy + r), fill=fill(1))
+    d.pieslice((cx - r, cy - r, cx + r, cy + r * 0.8), 180, 360, fill=fill(0))
+
+
+CONCEPTS: dict[str, ConceptSprite] = {
+    c.name: c
+    for c in (
+        ConceptSprite(
+            "checker", "square", "a red and white checkered square", ("red", "white"), _checker
+        ),
+        ConceptSprite(
+            "ring", "circle", "a blue disc with a yellow centre", ("blue", "yellow"), _ring
+        ),
+        ConceptSprite(
+            "halfmoon",
+            "circle",
+            "a disc, purple left and orange right",
+            ("purple", "orange"),
+            _halfmoon,
+        ),
+        ConceptSprite(
+            "flag",
+            "square",
+            "a green, white and orange tricolour",
+            ("green", "white", "orange"),
+            _flag,
+        ),
+        ConceptSprite("house", "square", "a blue house with a red roof", ("blue", "red"), _house),
+        ConceptSprite("swiss", "square", "a white cross on a red square", ("red", "white"), _swiss),
+        ConceptSprite(
+            "diamond", "square", "a green diamond with a black centre", ("green", "black"), _diamond
+        ),
+        ConceptSprite(
+            "mushroom", "circle", "a red cap on a white stem", ("red", "white"), _mushroom
+        ),
+    )
+}
+
+
+def concept_token(name: str) -> str:
+    return f"<{name}>"
+
+
+def render_concept_photo(
+    concept: ConceptSprite, rng: random.Random, size: int = SIZE * 4
+) -> Image.Image:
+    """One "photo" of ``concept``: random position, scale and a background of another colour."""
+    s = SUPERSAMPLE
+    bg = rng.choice([c for c in COLOURS if c not in concept.colours])
+    img = Image.new("RGB", (size * s, size * s), _rgb(bg))
+    r = rng.uniform(0.22, 0.34) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    concept.draw(ImageDraw.Draw(img), cx * s, cy * s, r * s)
+    return img.resize((size, size), Image.Resampling.BOX)
+
+
+def concept_photos(
+    name: str, count: int = 8, seed: int = 0, size: int = SIZE * 4
+) -> list[Image.Image]:
+    if name not in CONCEPTS:
+        raise ValueError(f"unknown toy concept {name!r}; known: {', '.join(CONCEPTS)}")
+    rng = random.Random(f"{name}:{seed}")
+    return [render_concept_photo(CONCEPTS[name], rng, size) for _ in range(count)]
