@@ -28,11 +28,14 @@ from .edlora import add_concept_tokens, write_embeddings
 from .files import atomic_write
 from .lora import inject_lora, remove_lora, target_linear_names
 from .package import ConceptPackage, PackageError
+from .safecheck import HeaderError, check_header
 
 FUSED_FORMAT = "mix-of-show/fused"
 FUSED_VERSION = 1
 CONCEPTS_FILE = "concepts.json"
 COMPACT_FILE = "fused.safetensors"
+# exact-rank factors grow linearly with the concepts: SD 1.5 fp32 is ~4.5 MB per concept
+MAX_FUSED_BYTES = 4 * 1024**3
 
 
 def _concept_dict(c: Concept) -> dict:
@@ -115,8 +118,12 @@ class FusedModel:
         return path
 
     @classmethod
-    def load_compact(cls, path: str | Path) -> FusedModel:
+    def load_compact(cls, path: str | Path, max_bytes: int = MAX_FUSED_BYTES) -> FusedModel:
         path = Path(path)
+        try:
+            check_header(path, max_bytes=max_bytes)
+        except (HeaderError, OSError) as err:
+            raise PackageError(f"{path}: not a readable fused model ({err})") from err
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -29,6 +29,7 @@ from .concepts import Concept, ConceptError
 from .edlora import add_concept_tokens, write_embeddings
 from .files import atomic_write
 from .lora import inject_lora, load_lora_state_dict, target_linear_names
+from .safecheck import HeaderError, check_header
 
 FORMAT = "mix-of-show/concept"
 FORMAT_VERSION = 1
@@ -87,6 +88,10 @@ class ConceptPackage:
         size = path.stat().st_size
         if size > max_bytes:
             raise PackageError(f"{path}: {size} bytes is over the {max_bytes}-byte package limit")
+        try:
+            check_header(path, max_bytes=max_bytes)
+        except HeaderError as err:
+            raise PackageError(f"{path}: not a readable safetensors file ({err})") from err
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
