@@ -127,7 +127,7 @@ def deployment(n: int, steps: int, tmp: Path) -> dict:
     start = time.perf_counter()
     server = Managed(
         [str(BIN / "mos-server"), "--min-clients", str(n), "--steps", str(steps),
-         "--state-dir", str(tmp / "state"), "--port", str(port), "--no-report",
+         "--state-dir", str(tmp / "state"), "--port", str(port), "--no-report", "--hub-port", "0",
          "--device", "cpu"],
         env, tmp / "server.log",
     )  # fmt: skip

@@ -18,8 +18,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from mos.client.demo import DEMO_CONCEPTS, write_demo_photos
+from mos.client.demo import DEMO_CONCEPTS, TOY_DEMO_CONCEPTS, write_demo_photos
 from mos.common.fused import FusedModel
 from mos.common.processes import Managed, free_port
 
@@ -108,6 +109,7 @@ def test_deployment_with_faults_then_a_restart_that_fuses_without_retraining(tmp
                 "--round-timeout", "40",
                 "--wait-clients", "120",
                 "--device", "cpu",
+                "--hub-port", "0",
                 *extra,
             ],
             logs / f"server-{tag}.log",
@@ -169,6 +171,72 @@ def test_deployment_with_faults_then_a_restart_that_fuses_without_retraining(tmp
     assert "tuning <smiley1>" not in (logs / "smiley1-2.log").read_text()
 
 
+def test_tls_and_supernode_auth_admit_only_registered_clients_end_to_end(tmp_path, procs):
+    """The deploy/ recipe on loopback: certificates from deploy/make_certs.py, a TLS
+    SuperLink that knows alice's and bob's keys; mallory's SuperNode is refused; the two
+    registered ones complete a round; then the model hub serves alice and refuses mallory."""
+    import subprocess
+
+    certs = tmp_path / "certs"
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(root / "deploy" / "make_certs.py"), "--out", str(certs),
+         "--client", "alice", "--client", "bob", "--client", "mallory"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    folders = photo_folders(tmp_path / "photos")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    port, hub_port = free_port(), free_port()
+    srv = procs(
+        [
+            "mos-server", "--min-clients", "2", "--steps", "3", "--fusion-steps", "2",
+            "--no-report", "--state-dir", str(tmp_path / "server"), "--port", str(port),
+            "--hub-port", str(hub_port), "--stay", "--device", "cpu", "--wait-clients", "120",
+            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+            "--ssl-ca-certfile", str(certs / "ca.pem"), "--enable-supernode-auth",
+            "--supernode-public-key", str(certs / "clients" / "alice.pub"),
+            "--supernode-public-key", str(certs / "clients" / "bob.pub"),
+        ],
+        logs / "server.log",
+    )  # fmt: skip
+    srv.wait_for_port("127.0.0.1", port, timeout=60)
+
+    def client(name: str, concept: str, max_wait: str = "60") -> Managed:
+        cmd = client_cmd(concept, folders, port, tmp_path, "--max-wait", max_wait)
+        cmd.remove("--insecure")
+        cmd += ["--root-certificates", str(certs / "ca.pem"),
+                "--auth-private-key", str(certs / "clients" / name)]  # fmt: skip
+        return procs(cmd, logs / f"{name}.log")
+
+    mallory = client("mallory", "star3", max_wait="15")
+    alice, bob = client("alice", "smiley1"), client("bob", "ring2")
+    assert wait(mallory, 120) != 0, "an unregistered SuperNode was let in"
+    for proc in (alice, bob):
+        assert wait(proc, 240) == 0, proc._tail()
+    info = latest(tmp_path, "smiley1")
+    assert info["version"] == 1 and sorted(info["concepts"]) == ["<ring2>", "<smiley1>"]
+    assert not (tmp_path / "clients" / "star3" / "latest.json").exists()
+
+    # the hub, still serving (--stay): same TLS, same keys
+    def pull(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "mos-client"), "pull", "--hub", f"127.0.0.1:{hub_port}",
+             "--root-certificates", str(certs / "ca.pem"),
+             "--auth-private-key", str(certs / "clients" / name),
+             "--model-dir", str(tmp_path / "pulled" / name)],
+            env=bare_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    got = pull("alice")
+    assert got.returncode == 0, got.stderr
+    assert json.loads((tmp_path / "pulled/alice/latest.json").read_text())["version"] == 1
+    refused = pull("mallory")
+    assert refused.returncode == 2 and "not signed by a registered SuperNode key" in refused.stderr
+    os.kill(srv.pid, signal.SIGTERM)
+    assert wait(srv, 30) == 130
+
+
 def test_the_readme_demo_runs_the_simulation_end_to_end(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "demo"
@@ -180,14 +248,17 @@ def test_the_readme_demo_runs_the_simulation_end_to_end(tmp_path):
     finally:
         proc.stop()
     result = json.loads((out / "server/result.json").read_text())
-    names = sorted(n for n, _, _ in DEMO_CONCEPTS)
+    names = sorted(TOY_DEMO_CONCEPTS)  # on the toy model
     assert sorted(result["concepts"]) == names
     report = (out / "server/models/v1/fusion_report.md").read_text()
     assert all(f"<{n}>" in report for n in names)
     for name in names:
         info = json.loads((out / "clients" / name / "latest.json").read_text())
         assert sorted(info["concepts"]) == [f"<{n}>" for n in names]
-    assert "SuperLink" in (tmp_path / "log").read_text()
+    log = (tmp_path / "log").read_text()
+    assert "SuperLink" in log
+    assert Image.open(out / "composed.png").size[0] > 3 * 96  # 4 seeds of 3 concepts in boxes
+    assert all(f"<{n}> found in its own box" in log for n in names)
 
 
 def test_the_app_bundle_carries_no_weights_images_or_code(tmp_path):
@@ -226,7 +297,17 @@ def test_ctrl_c_or_sigterm_stops_the_server_and_its_superlink(tmp_path, procs, s
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         srv = procs(
-            ["mos-server", "--min-clients", "3", "--state-dir", str(state), "--port", str(port)],
+            [
+                "mos-server",
+                "--min-clients",
+                "3",
+                "--state-dir",
+                str(state),
+                "--port",
+                str(port),
+                "--hub-port",
+                str(free_port()),
+            ],  # fmt: skip
             tmp_path / "server.log",
         )
     finally:
