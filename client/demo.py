@@ -1,17 +1,16 @@
-"""``mos-demo``: the README's main command, end to end on the built-in toy model.
+"""``mos-demo``: the README's main command, end to end on the built-in tiny model.
 
-It draws eight "photos" of each of three toy-world concepts (a red-and-white checker, a blue
-ring with a yellow centre, a blue house with a red roof; ``mos.toyworld``), one folder per
-client, and runs the federation on them with Flower's simulation engine
-(``mos-simulate``): each virtual client tunes its concept with ED-LoRA and uploads only its
-package; the server fuses them and sends the fused model back. Then it composes the three
-concepts side by side with regional sampling and checks with the toy world's detector that
-each is drawn in its own box. In ``--out``: ``server/`` (registry, ``models/v1`` with the
-fused model and its fidelity report), ``clients/<name>/`` (each client's package and its
-copy of the fused model) and ``composed.png``.
+It draws a few "photos" of three made-up concepts (a smiling face with a red hat, a blue
+ring, a green star), one folder per client, and runs the federation on them with Flower's
+simulation engine (``mos-simulate``): each virtual client tunes its concept with ED-LoRA and
+uploads only its package; the server fuses them and sends the fused model back. In
+``--out``: ``server/`` (registry, ``models/v1`` with the fused model and its fidelity report)
+and ``clients/<name>/`` (each client's package and its copy of the fused model).
 
-``--base-model tiny`` runs the same federation on the random tiny model with the older
-made-up sprites (a face with a red hat, a blue ring, a green star), without composing.
+``--base-model toy`` runs it on the toy world's trained model instead (three toy concepts)
+and ends by composing them side by side with regional sampling (``composed.png``), checked
+with the toy world's detector. Its weights are not committed yet (issue 6: the CPU-trained
+candidates did not follow prompts; see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -149,7 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo-out"))
     p.add_argument("--steps", type=int, default=300, help="ED-LoRA steps on each client")
     p.add_argument("--clients", type=int, default=3, choices=(1, 2, 3))
-    p.add_argument("--base-model", default="toy", choices=("toy", "tiny"))
+    p.add_argument(
+        "--base-model",
+        default="tiny",
+        choices=("tiny", "toy"),
+        help="tiny (random weights, the default) or toy (the trained toy world, once its "
+        "weights are built: python -m mos.toyworld.train)",
+    )
     args = p.parse_args(argv)
     toy = args.base_model == "toy"
     folders = (write_toy_folders if toy else write_client_folders)(args.out / "photos")

@@ -31,7 +31,7 @@ from pydantic import BaseModel as _Model
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..common.adapters import AdapterCondition, AdapterError, load_adapter, read_condition_image
-from ..common.base import TINY, BaseModelError, load_base_model
+from ..common.base import TINY, TOY, BaseModelError, load_base_model
 from ..common.cli import UsageError, resolve_device, run_command
 from ..common.concepts import ConceptError, ConceptTable
 from ..common.fused import COMPACT_FILE, FusedModel, load_fused_folder
@@ -151,7 +151,7 @@ def parse_region(text: str) -> RegionSpec:
         raise UsageError(f"--region {text!r}: {err}") from err
 
 
-def load_model(spec: Path, base_model: str, base_config: str | None):
+def load_model(spec: Path, base_model: str | None, base_config: str | None):
     """``(base, concepts)`` from a fused folder or a compact fused model on a base."""
     if spec.is_dir() and (spec / "model_index.json").is_file():
         return load_fused_folder(spec)
@@ -162,6 +162,14 @@ def load_model(spec: Path, base_model: str, base_config: str | None):
             f"({COMPACT_FILE} or a client's fused/v<N>.safetensors)"
         )
     fused = FusedModel.load_compact(compact)
+    if base_model is None:  # the base the model was fused on, when it is built in
+        source = fused.base_source
+        if not (source in (TINY, TOY) or source.startswith(TINY + ":")):
+            raise UsageError(
+                f"--model {spec} was fused on base '{source}'; pass --base-model with that "
+                "model (a diffusers folder, a single-file checkpoint or a hub id)"
+            )
+        base_model = source
     base = load_base_model(base_model, config=base_config)
     return base, fused.attach(base)
 
@@ -169,7 +177,10 @@ def load_model(spec: Path, base_model: str, base_config: str | None):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mos-sample", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True, help="fused folder or compact model")
-    p.add_argument("--base-model", default=TINY, help="the base of a compact model (tiny)")
+    p.add_argument(
+        "--base-model",
+        help="the base of a compact model (default: the built-in base it was fused on)",
+    )
     p.add_argument("--base-config", help="configs of a single-file checkpoint (offline)")
     p.add_argument("--prompt", help="the global prompt")
     p.add_argument("--negative-prompt", default="")

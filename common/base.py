@@ -240,13 +240,15 @@ def build_tiny(seed: int = 0) -> BaseModel:
 
 def build_toy() -> BaseModel:
     """The toy world's trained base model (weights shipped with the package)."""
-    from mos.toyworld.model import load_toy_components
+    from mos.toyworld.model import TOY_SCHEDULER_CONFIG, load_toy_components
 
     try:
         tokenizer, text_encoder, unet, vae, _ = load_toy_components()
     except (FileNotFoundError, ValueError) as err:
         raise BaseModelError(str(err)) from err
-    return BaseModel.from_components(tokenizer, text_encoder, unet, vae, TOY)
+    return BaseModel.from_components(
+        tokenizer, text_encoder, unet, vae, TOY, dict(TOY_SCHEDULER_CONFIG)
+    )
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

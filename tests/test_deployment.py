@@ -18,9 +18,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from mos.client.demo import DEMO_CONCEPTS, TOY_DEMO_CONCEPTS, write_demo_photos
+from mos.client.demo import DEMO_CONCEPTS, write_demo_photos
 from mos.common.fused import FusedModel
 from mos.common.processes import Managed, free_port
 
@@ -248,17 +247,14 @@ def test_the_readme_demo_runs_the_simulation_end_to_end(tmp_path):
     finally:
         proc.stop()
     result = json.loads((out / "server/result.json").read_text())
-    names = sorted(TOY_DEMO_CONCEPTS)  # on the toy model
+    names = sorted(n for n, _, _ in DEMO_CONCEPTS)
     assert sorted(result["concepts"]) == names
     report = (out / "server/models/v1/fusion_report.md").read_text()
     assert all(f"<{n}>" in report for n in names)
     for name in names:
         info = json.loads((out / "clients" / name / "latest.json").read_text())
         assert sorted(info["concepts"]) == [f"<{n}>" for n in names]
-    log = (tmp_path / "log").read_text()
-    assert "SuperLink" in log
-    assert Image.open(out / "composed.png").size[0] > 3 * 96  # 4 seeds of 3 concepts in boxes
-    assert all(f"<{n}> found in its own box" in log for n in names)
+    assert "SuperLink" in (tmp_path / "log").read_text()
 
 
 def test_the_app_bundle_carries_no_weights_images_or_code(tmp_path):

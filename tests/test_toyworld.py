@@ -102,3 +102,65 @@ def test_the_toy_base_loads_offline_and_follows_prompts():
         analyse(img).matches(c, s, b) for img, (c, s, b) in zip(images, triples, strict=True)
     )
     assert right >= 11  # >= 70% on 16 held-out prompts (the benchmark measures 96)
+
+
+# --- concepts on the toy model: one tuning per concept, shared by the tests below --------
+CONCEPTS = ("checker", "ring", "house")
+
+
+def toy_config(method: str = "edlora"):
+    from mos.toyworld.evaluate import toy_train_config
+
+    return toy_train_config(method=method, steps=TEST_STEPS)
+
+
+TEST_STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def packages():
+    from mos.toyworld.evaluate import tune
+
+    return {name: tune(name, toy_config()) for name in CONCEPTS}
+
+
+@needs_model
+def test_a_short_edlora_run_makes_the_concept_detectable(packages):
+    from mos.common.pipeline import MixOfShowPipeline
+    from mos.toyworld.evaluate import concept_identity, single_concept_pipeline, toy_base
+
+    name = "checker"
+    base_pipe = MixOfShowPipeline(toy_base())
+    from mos.toyworld.evaluate import identity, samples
+
+    before = identity(samples(base_pipe, "a photo of a square", 8, seed=2), name)
+    after = concept_identity(single_concept_pipeline(packages[name]), name, n=8, seed=2)
+    assert before.detected == 0.0
+    assert after.detected >= 0.5, after.scores
+
+
+@needs_model
+def test_gradient_fusion_of_three_concepts_keeps_each_detectable(packages):
+    from mos.common.fused import FusedModel
+    from mos.server.fusion import FusionEngine
+    from mos.toyworld.evaluate import concept_identity, fused_pipeline, toy_base
+
+    pkgs = [packages[n] for n in CONCEPTS]
+    result = FusionEngine(toy_base(), pkgs).fuse(progress=False)
+    pipe = fused_pipeline(FusedModel.from_packages(result.strategy, result.factors, pkgs))
+    for name in CONCEPTS:
+        ident = concept_identity(pipe, name, n=8, seed=4)
+        assert ident.detected >= 0.5, (name, ident.scores)
+
+
+@needs_model
+def test_a_two_region_sample_puts_each_concept_in_its_box(packages):
+    from mos.common.fused import FusedModel
+    from mos.server.fusion import FusionEngine
+    from mos.toyworld.evaluate import fused_pipeline, placement, toy_base
+
+    pkgs = [packages[n] for n in ("checker", "ring")]
+    result = FusionEngine(toy_base(), pkgs).fuse(progress=False)
+    pipe = fused_pipeline(FusedModel.from_packages(result.strategy, result.factors, pkgs))
+    placed = placement(pipe, ["checker", "ring"], n=6, seed=5)
+    assert placed.all_placed >= 0.5, placed.in_own_box

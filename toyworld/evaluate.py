@@ -30,6 +30,7 @@ from mos.common.regions import Box, Region
 from .analyse import ConceptDetector
 from .world import COLOURS, CONCEPTS, article, concept_photos
 
+TOY_TRAINING = {"steps": 300, "lr_embedding": 1e-3, "lr_text_lora": 1e-5, "lr_unet_lora": 1e-4}
 DETECTED = 0.5  # detector score from which a concept counts as present (see RESULTS.md)
 SAMPLE_STEPS = 25
 GUIDANCE = 4.0
@@ -44,6 +45,13 @@ def write_concept_folder(folder: Path, name: str, count: int = 8, seed: int = 0)
         json.dumps({"concept": name, "class_word": CONCEPTS[name].class_word})
     )
     return folder
+
+
+def toy_train_config(**overrides) -> TrainConfig:
+    """ED-LoRA settings for the toy model (see benchmarks/RESULTS.md, toy world)."""
+    settings = dict(TOY_TRAINING)
+    settings.update(overrides)
+    return TrainConfig(**settings)
 
 
 def toy_base() -> BaseModel:

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mos.common.base import SD_SCHEDULER_CONFIG, BaseModel
+from mos.common.base import BaseModel
 from mos.common.concepts import tokenize
 
 from . import world
 from .analyse import analyse
-from .model import TOY, WEIGHTS, build_toy_architecture, save_toy_weights
+from .model import TOY, TOY_SCHEDULER_CONFIG, WEIGHTS, build_toy_architecture, save_toy_weights
 
 log = logging.getLogger("mos.toyworld.train")
 
@@ -122,7 +122,7 @@ def train_denoiser(
 ):
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    sched = DDPMScheduler.from_config(TOY_SCHEDULER_CONFIG)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     for m in (unet, text_encoder):
         m.train().requires_grad_(True)
@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.info("wrote %s (%.1f MB)", args.out, args.out.stat().st_size / 1e6)
 
-    base = BaseModel.from_components(tokenizer, ema_text, ema_unet, vae, TOY)
+    base = BaseModel.from_components(
+        tokenizer, ema_text, ema_unet, vae, TOY, dict(TOY_SCHEDULER_CONFIG)
+    )
     result = adherence(base, n=args.eval_prompts)
     save_grid(result.pop("images"), args.out.with_suffix(".samples.png"))
     info["held_out_adherence"] = {

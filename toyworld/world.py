@@ -77,7 +77,7 @@ class Scene:
     @property
     def caption(self) -> str:
         objects = " and ".join(f"{article(t.colour)} {t.colour} {t.shape}" for t in self.things)
-        return f"{objects} on a {self.background} background"
+        return f"{objects} on {article(self.background)} {self.background} background"
 
 
 def render_scene(scene: Scene, size: int = SIZE) -> Image.Image:
