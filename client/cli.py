@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fed.add_argument("--stay", action="store_true", help="keep serving after the final round")
     fed.add_argument(
+        "--rejoin",
+        type=int,
+        default=3,
+        help="start a new SuperNode this many times if one ends before the final round "
+        "(e.g. the server restarted) and the SuperLink is back within a minute",
+    )
+    fed.add_argument(
         "--threads",
         type=int,
         help="CPU threads for tuning (default: half the cores, so that a server and "

@@ -101,24 +101,29 @@ def run_supernode(args: argparse.Namespace) -> Path:
     env = flower_env()
     if "OMP_NUM_THREADS" not in os.environ or args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    node = Managed(cmd, env, cwd=model_dir)
-    pump = threading.Thread(target=_pump, args=(node,), daemon=True)
-    pump.start()
     done = model_dir / DONE
-    try:
-        while node.alive():
-            if done.exists() and not args.stay:
-                # The ClientApp writes DONE before its reply leaves, and a SuperNode that
-                # leaves takes its unread replies with it: stay until the server has
-                # ended the federation (its SuperLink closes), or for at most 5 minutes.
-                if not port_open(host.strip("[]"), int(port)):
-                    break
-                if time.time() - done.stat().st_mtime > 300:
-                    log.warning("the server is still up 5 minutes after the final round; leaving")
-                    break
-            time.sleep(0.5)
-    finally:
-        rc = node.stop()
+    rejoins = 0
+    while True:
+        rc = _run_node(cmd, env, model_dir, done, host, int(port), args.stay)
+        if done.exists() or rejoins >= args.rejoin:
+            break
+        # A SuperLink that restarts forgets its nodes, and Flower's SuperNode then ends
+        # (its heartbeat is refused) instead of registering again: we start a new one.
+        rejoins += 1
+        log.warning(
+            "the SuperNode ended (status %s) before the final round; rejoining %s (%d of %d)",
+            rc,
+            args.superlink,
+            rejoins,
+            args.rejoin,
+        )
+        deadline = time.time() + min(args.max_wait, REJOIN_WAIT_S)
+        while not port_open(host.strip("[]"), int(port)) and time.time() < deadline:
+            time.sleep(1.0)
+        if not port_open(host.strip("[]"), int(port)):
+            log.warning("the SuperLink did not come back within %.0f s", REJOIN_WAIT_S)
+            break
+        time.sleep(2.0)
     if (model_dir / DONE).exists():
         latest = json.loads((model_dir / LATEST).read_text())
         print(
@@ -130,6 +135,33 @@ def run_supernode(args: argparse.Namespace) -> Path:
         f"the SuperNode ended (status {rc}) before a fused model arrived; is the server "
         f"running at {args.superlink}?"
     )
+
+
+REJOIN_WAIT_S = 60.0  # how long a rejoin waits for the SuperLink to be back
+
+
+def _run_node(
+    cmd: list[str], env: dict, model_dir: Path, done: Path, host: str, port: int, stay: bool
+) -> int | None:
+    """Run one SuperNode until it ends, or until the federation is over; its status."""
+    node = Managed(cmd, env, cwd=model_dir)
+    pump = threading.Thread(target=_pump, args=(node,), daemon=True)
+    pump.start()
+    try:
+        while node.alive():
+            if done.exists() and not stay:
+                # The ClientApp writes DONE before its reply leaves, and a SuperNode that
+                # leaves takes its unread replies with it: stay until the server has
+                # ended the federation (its SuperLink closes), or for at most 5 minutes.
+                if not port_open(host.strip("[]"), port):
+                    break
+                if time.time() - done.stat().st_mtime > 300:
+                    log.warning("the server is still up 5 minutes after the final round; leaving")
+                    break
+            time.sleep(0.5)
+    finally:
+        rc = node.stop()
+    return rc
 
 
 def _pump(node: Managed) -> None:

@@ -83,9 +83,9 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, gen:
     bar = tqdm(range(steps), desc="vae", mininterval=5)
     for step in bar:
         idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x = to_unit(images[idx])
+        x = to_unit(images[idx]).to(vae.device)
         post = vae.encode(x).latent_dist
-        z = post.sample(generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(vae.device)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
@@ -111,9 +111,9 @@ def encode_latents(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="encode", mininterval=5):
-        post = vae.encode(to_unit(images[i : i + batch])).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
+        post = vae.encode(to_unit(images[i : i + batch]).to(vae.device)).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -137,11 +137,13 @@ def train_denoiser(
     bar = tqdm(range(steps), desc="unet+text", mininterval=10)
     for step in bar:
         idx = torch.randint(0, len(means), (batch,), generator=gen)
+        device = unet.device
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
-        noisy = sched.add_noise(z, noise, t)
-        ids = tokenize(tokenizer, captions_of(idx.tolist(), step))
+        noisy = sched.add_noise(z, noise, t).to(device)
+        noise, t = noise.to(device), t.to(device)
+        ids = tokenize(tokenizer, captions_of(idx.tolist(), step)).to(device)
         context = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred, noise)
@@ -267,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("drawing %d training images", args.images)
     images, scenes = make_dataset(args.images, args.seed)
     tokenizer, text_encoder, unet, vae = build_toy_architecture(seed=args.seed)
+    device = torch.device(args.device)
+    for module in (text_encoder, unet, vae):
+        module.to(device)
     log.info(
         "parameters: unet %.2f M, vae %.2f M, text encoder %.2f M",
         *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (unet, vae, text_encoder)),
