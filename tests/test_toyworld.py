@@ -164,3 +164,31 @@ def test_a_two_region_sample_puts_each_concept_in_its_box(packages):
     pipe = fused_pipeline(FusedModel.from_packages(result.strategy, result.factors, pkgs))
     placed = placement(pipe, ["checker", "ring"], n=6, seed=5)
     assert placed.all_placed >= 0.5, placed.in_own_box
+
+
+def test_the_training_script_writes_weights_that_load_back(tmp_path):
+    from mos.toyworld.model import load_toy_components
+    from mos.toyworld.train import main
+
+    out = tmp_path / "toy.safetensors"
+    args = ["--out", str(out), "--images", "64", "--vae-steps", "2", "--vae-batch", "8",
+            "--steps", "2", "--batch", "8", "--eval-prompts", "2"]  # fmt: skip
+    assert main(args) == 0
+    _, text_encoder, unet, vae, info = load_toy_components(out)
+    assert info["steps"] == 2 and "held_out_adherence" not in info  # written before the eval
+    assert vae.config.scaling_factor > 0
+    assert (tmp_path / "toy.loss.png").is_file() and (tmp_path / "toy.samples.png").is_file()
+    import json
+
+    assert json.loads((tmp_path / "toy.json").read_text())["held_out_adherence"]["n"] == 2
+
+
+def test_the_toy_base_without_weights_is_a_clear_error(monkeypatch, tmp_path):
+    from mos.common.base import BaseModelError, load_base_model
+
+    monkeypatch.setattr("mos.toyworld.model.WEIGHTS", tmp_path / "missing.safetensors")
+    monkeypatch.setattr(
+        "mos.toyworld.model.load_toy_components.__defaults__", (tmp_path / "missing.safetensors",)
+    )
+    with pytest.raises(BaseModelError, match="python -m mos.toyworld.train"):
+        load_base_model("toy")
