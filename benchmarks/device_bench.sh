@@ -6,7 +6,8 @@
 #   bash benchmarks/fetch_wheels.sh            # here, once: pure-Python wheels into .whl/
 # and pass .whl in the run's carry list. Set STEPS (default 60) and FULL=1 to also time a
 # whole 1000-step ED-LoRA run (the "1000 steps in under 4 minutes" target); QUICK=1 is a
-# dry run of the script itself on the tiny model (any machine, about a minute).
+# dry run of the script itself on the tiny model (any machine, about a minute). TOY=1 trains
+# the toy world's base model instead (toyworld/weights/ takes the result).
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -16,11 +17,16 @@ if [ -d .whl ]; then
 fi
 # the project as the `mos` namespace without building it (no setuptools needed there)
 mkdir -p /tmp/mospath/mos
-for part in common client server proto; do ln -sfn "$PWD/$part" "/tmp/mospath/mos/$part"; done
+for part in common client server proto toyworld; do ln -sfn "$PWD/$part" "/tmp/mospath/mos/$part"; done
 export PYTHONPATH=/tmp/mospath${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.csv" 2>&1 || true
 python3 -c 'import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)' | tee "$OUT/versions.txt"
 STEPS=${STEPS:-60}
+if [ "${TOY:-0}" = 1 ]; then  # issue 6: train the toy base on the GPU (weights to commit)
+    python3 -m mos.toyworld.train --device cuda --steps "${TOY_STEPS:-1600}" --batch 256 \
+        --out "$OUT/toy-base.safetensors" 2>&1 | grep -v 'it/s' | tee "$OUT/toy-train.log"
+    exit 0
+fi
 if [ "${QUICK:-0}" = 1 ]; then  # a dry run of this script on any machine: tiny model only
     python3 benchmarks/bench_edlora.py --model tiny --steps 20 --out "$OUT/edlora-tiny.json" | tee "$OUT/edlora-tiny.md"
     python3 benchmarks/bench_fusion.py --model tiny --n 3 --reference-n 3 --out "$OUT/fusion-tiny.json" | tee "$OUT/fusion-tiny.md"
