@@ -218,10 +218,11 @@ def tiny_configs() -> dict[str, dict]:
     }
 
 
-def build_tiny(seed: int = 0) -> BaseModel:
-    """The built-in tiny SD 1.x-shaped model, with random weights drawn from ``seed``."""
-    configs = tiny_configs()
-    tokenizer = build_tiny_tokenizer()
+def build_components(
+    configs: dict[str, dict], tokenizer: CLIPTokenizer, seed: int = 0
+) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """Text encoder, UNet and VAE from ``configs`` (as ``tiny_configs()``), random weights
+    drawn from ``seed`` (the caller's RNG state is left alone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**configs["unet"])
@@ -234,6 +235,13 @@ def build_tiny(seed: int = 0) -> BaseModel:
             **configs["text_encoder"],
         )
         text_encoder = CLIPTextModel(text_config)
+    return text_encoder, unet, vae
+
+
+def build_tiny(seed: int = 0) -> BaseModel:
+    """The built-in tiny SD 1.x-shaped model, with random weights drawn from ``seed``."""
+    tokenizer = build_tiny_tokenizer()
+    text_encoder, unet, vae = build_components(tiny_configs(), tokenizer, seed)
     source = TINY if seed == 0 else f"{TINY}:{seed}"
     return BaseModel.from_components(tokenizer, text_encoder, unet, vae, source)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from mos.common.base import build_components
 from mos.common.tokenizer import build_tiny_tokenizer, default_words
 
 from .world import WORDS
@@ -85,20 +86,7 @@ def build_toy_architecture(
 ) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
     """The untrained toy model (random weights from ``seed``)."""
     tokenizer = tokenizer or toy_tokenizer()
-    configs = toy_configs()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**configs["unet"])
-        vae = AutoencoderKL(**configs["vae"])
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **configs["text_encoder"],
-            )
-        )
+    text_encoder, unet, vae = build_components(toy_configs(), tokenizer, seed)
     return tokenizer, text_encoder, unet, vae
 
 
