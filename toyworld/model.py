@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from mos.common.base import build_components
+from mos.common.base import build_components, tiny_configs
 from mos.common.tokenizer import build_tiny_tokenizer, default_words
 
 from .world import WORDS
@@ -45,40 +45,12 @@ def toy_tokenizer() -> CLIPTokenizer:
 
 
 def toy_configs() -> dict[str, dict]:
-    """32 px images, latents 4x16x16; cross-attention at 16x16 and 8x8 (and the mid block)."""
-    return {
-        "unet": dict(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        ),
-        "text_encoder": dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=64,
-        ),
-    }
+    """The tiny model's layout (32 px images, latents 4x16x16, cross-attention at 16x16 and
+    8x8 and in the mid block) with a text width of 64 instead of 32."""
+    configs = tiny_configs()
+    configs["unet"]["cross_attention_dim"] = 64
+    configs["text_encoder"].update(hidden_size=64, intermediate_size=128, projection_dim=64)
+    return configs
 
 
 def build_toy_architecture(
