@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-private-key", type=Path, help="this SuperNode's private key (authentication)"
     )
     fed.add_argument(
+        "--trusted-entities",
+        type=Path,
+        help="YAML of Ed25519 publisher keys: run only app bundles signed by one of them "
+        "(Flower's --trusted-entities; see deploy/README.md)",
+    )
+    fed.add_argument(
         "--model-dir", type=Path, help="where fused models are stored (default ./<name>-model)"
     )
     fed.add_argument(

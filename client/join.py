@@ -52,7 +52,7 @@ def run_supernode(args: argparse.Namespace) -> Path:
             "pass --root-certificates CA.pem for a TLS SuperLink, or --insecure for one "
             "without TLS (e.g. mos-server on this machine without certificates)"
         )
-    for option in ("root_certificates", "auth_private_key"):  # the SuperNode runs elsewhere
+    for option in ("root_certificates", "auth_private_key", "trusted_entities"):  # cwd differs
         path = getattr(args, option)
         if path is not None:
             path = path.expanduser().resolve()
@@ -88,6 +88,8 @@ def run_supernode(args: argparse.Namespace) -> Path:
         cmd.append("--insecure")
     if args.auth_private_key is not None:
         cmd += ["--auth-supernode-private-key", str(args.auth_private_key)]
+    if args.trusted_entities is not None:  # run only app bundles signed by these keys
+        cmd += ["--trusted-entities", str(args.trusted_entities)]
     log.info(
         "joining %s as <%s> with %d photos; models go to %s",
         args.superlink,

@@ -237,3 +237,21 @@ def test_real_loading_paths_from_the_command_line(tiny, photo_dir, tmp_path, cap
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = main([*common, "--base-model", str(ckpt), "--out", str(tmp_path / "c.safetensors")])
     assert code == 2 and "--base-config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "pass --root-certificates CA.pem"),
+        (["--insecure", "--trusted-entities", "missing.yaml"], "missing.yaml: no such file"),
+        (["--root-certificates", "nope.pem"], "nope.pem: no such file"),
+        (["--insecure", "--auth-private-key", "nokey"], "nokey: no such file"),
+    ],
+)
+def test_joining_checks_tls_and_trust_files_before_starting_anything(
+    photo_dir, tmp_path, capsys, extra, message
+):
+    code = main(["--data", str(photo_dir), "--concept", "<dog1>", "--superlink", "127.0.0.1:1",
+                 "--model-dir", str(tmp_path / "m"), *extra])  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err
