@@ -143,17 +143,15 @@ def hub(tmp: Path) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mos.client.pull import HubClient, pull
     from mos.common.base import build_tiny
-    from mos.common.fused import COMPACT_FILE, FusedModel
-    from mos.server.fusion import FusionEngine
+    from mos.common.fused import COMPACT_FILE
     from mos.server.registry import Registry
-    from tests.conftest import random_package
+    from tests.conftest import random_fused, random_package
     from tests.test_hub import CuttingHub, _serve
 
     base = build_tiny()
     pkgs = [random_package(base, f"c{i}", seed=i, rank=16) for i in range(24)]
-    res = FusionEngine(build_tiny(), pkgs).weight_fusion()
     reg = Registry.open(tmp / "state", base)
-    reg.publish(FusedModel.from_packages(res.strategy, res.factors, pkgs))
+    reg.publish(random_fused(base, pkgs))
     size = (tmp / "state/models/v1" / COMPACT_FILE).stat().st_size
     chunk = 64 * 1024
     cut = max(1, size // chunk // 2)

@@ -40,6 +40,7 @@ from ..common.cli import UsageError, default_class_word, resolve_device, setup_l
 from ..common.concepts import ConceptError, ConceptTable, parse_concept_name
 from ..common.config import TrainConfig
 from ..common.files import atomic_write
+from ..common.fused import FusedModel
 from ..common.package import ConceptPackage, PackageError, attach_package
 from ..common.pipeline import MixOfShowPipeline
 from ..common.wire import digest, fused_from_records, package_to_records
@@ -247,6 +248,22 @@ def _cached(model_dir: Path, key: str) -> ConceptPackage | None:
         return None
 
 
+def write_latest(model_dir: Path, version: int, path: Path, sha256: str, fused: FusedModel) -> None:
+    """Point ``model_dir/latest.json`` at a stored fused model (atomically)."""
+    text = json.dumps(
+        {
+            "version": version,
+            "file": str(path),
+            "sha256": sha256,
+            "strategy": fused.strategy,
+            "concepts": [c.token for c in fused.concepts],
+            "base_fingerprint": fused.base_fingerprint,
+        },
+        indent=2,
+    )
+    atomic_write(model_dir / LATEST, lambda tmp: Path(tmp).write_text(text))
+
+
 def handle_evaluate(msg: Message, settings: ClientSettings) -> Message:
     content = msg.content
     meta = content.config_records[fed.FUSED_META]
@@ -261,18 +278,7 @@ def handle_evaluate(msg: Message, settings: ClientSettings) -> Message:
     folder = settings.model_dir / "fused"
     folder.mkdir(parents=True, exist_ok=True)
     path = fused.save_compact(folder / f"v{version}.safetensors")
-    latest = json.dumps(
-        {
-            "version": version,
-            "file": str(path),
-            "sha256": str(meta["sha256"]),
-            "strategy": fused.strategy,
-            "concepts": [c.token for c in fused.concepts],
-            "base_fingerprint": fused.base_fingerprint,
-        },
-        indent=2,
-    )
-    atomic_write(settings.model_dir / LATEST, lambda tmp: Path(tmp).write_text(latest))
+    write_latest(settings.model_dir, version, path, str(meta["sha256"]), fused)
     log.info("stored fused model v%d (%d concepts) in %s", version, len(fused.concepts), path)
     metrics: dict[str, float] = {"version": version, "concepts": len(fused.concepts)}
     own = _cached_package(settings.model_dir)

@@ -14,8 +14,6 @@ and in use.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import shutil
 import sys
@@ -26,14 +24,14 @@ import grpc
 from tqdm import tqdm
 
 from ..common.cli import UsageError, run_command
-from ..common.files import atomic_write
+from ..common.files import file_sha256
 from ..common.fused import COMPACT_FILE, FusedModel
 from ..common.hubauth import HubAuthError, load_private_key, sign_request
 from ..common.package import PackageError
 from ..proto import hub_pb2, hub_pb2_grpc
+from .client_app import write_latest
 
 log = logging.getLogger("mos.pull")
-LATEST = "latest.json"
 SERVICE = "/mos.hub.v1.ModelHub/"
 
 
@@ -98,14 +96,6 @@ def _explain(address: str, err: grpc.RpcError) -> str:
     return f"the hub at {address} answered {code.name if code else 'an error'}: {details}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_file(
     client: HubClient,
     version: int,
@@ -136,7 +126,7 @@ def download_file(
                             bar.update(len(chunk.data))
                         if have >= chunk.total_size:
                             break
-            if _sha256(part) != info.sha256:
+            if file_sha256(part) != info.sha256:
                 part.unlink()
                 raise HubError(
                     f"{info.name}: SHA-256 does not match; the partial file was discarded"
@@ -190,10 +180,10 @@ def pull(
     fused_dir = model_dir / "fused"
     final = fused_dir / f"v{chosen.version}"
     if final.is_dir() and all(
-        (final / f.name).is_file() and _sha256(final / f.name) == f.sha256 for f in chosen.files
+        (final / f.name).is_file() and file_sha256(final / f.name) == f.sha256 for f in chosen.files
     ):
         log.info("v%d is already here and verified: %s", chosen.version, final)
-        _write_latest(model_dir, chosen, final)
+        _point_latest(model_dir, chosen, final, FusedModel.load_compact(final / COMPACT_FILE))
         return final
     partial = fused_dir / f".v{chosen.version}.partial"
     partial.mkdir(parents=True, exist_ok=True)
@@ -234,26 +224,16 @@ def pull(
     if final.exists():
         shutil.rmtree(final)
     partial.replace(final)
-    _write_latest(model_dir, chosen, final)
+    _point_latest(model_dir, chosen, final, fused)
     log.info(
         "v%d (%d concepts) verified and stored in %s", chosen.version, len(chosen.concepts), final
     )
     return final
 
 
-def _write_latest(model_dir: Path, v: hub_pb2.VersionInfo, folder: Path) -> None:
-    text = json.dumps(
-        {
-            "version": v.version,
-            "file": str(folder / COMPACT_FILE),
-            "sha256": next(f.sha256 for f in v.files if f.name == COMPACT_FILE),
-            "strategy": v.strategy,
-            "concepts": [f"<{c}>" for c in v.concepts],
-            "base_fingerprint": v.base_fingerprint,
-        },
-        indent=2,
-    )
-    atomic_write(model_dir / LATEST, lambda tmp: Path(tmp).write_text(text))
+def _point_latest(model_dir: Path, v: hub_pb2.VersionInfo, folder: Path, fused: FusedModel) -> None:
+    sha = next(f.sha256 for f in v.files if f.name == COMPACT_FILE)
+    write_latest(model_dir, v.version, folder / COMPACT_FILE, sha, fused)
 
 
 def build_parser() -> argparse.ArgumentParser:

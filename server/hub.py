@@ -14,7 +14,6 @@ by an interceptor before any handler runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from ..common.files import file_sha256
 from ..common.hubauth import HubAuthError, KeyRing
 from ..proto import hub_pb2, hub_pb2_grpc
 from .registry import INDEX
@@ -83,11 +83,7 @@ class _Index:
         st = path.stat()
         key = (str(path), st.st_mtime, st.st_size)
         if key not in self._sha:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._sha[key] = h.hexdigest()
+            self._sha[key] = file_sha256(path)
         return self._sha[key]
 
 

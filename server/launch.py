@@ -261,7 +261,7 @@ def run_server(args: argparse.Namespace) -> dict:
                 raise LaunchError(f"registering {key} failed: {reg.stdout}{reg.stderr}")
             log.info("registered SuperNode key %s", key)
         result = _run_app(app_dir, home, run_config, state, started)
-        superlink.stop()
+        superlink.stop()  # now: clients leave once the SuperLink closes (--stay or not)
         _summary(result)
         if hub is not None and args.stay:
             print(

@@ -42,3 +42,13 @@ def random_package(base: BaseModel, name: str, seed: int = 0, rank: int = 2) -> 
     }
     emb = torch.randn(2, concept.num_layers, base.text_dim, generator=g) * 0.02
     return ConceptPackage(concept, rank, emb, lora, base.fingerprint, base.source)
+
+
+def random_fused(base: BaseModel, packages: list[ConceptPackage]):
+    """The weight-fused model of ``packages`` (computed on a fresh tiny base, so ``base``
+    stays untouched)."""
+    from mos.common.fused import FusedModel
+    from mos.server.fusion import FusionEngine
+
+    result = FusionEngine(build_tiny(), packages).weight_fusion()
+    return FusedModel.from_packages(result.strategy, result.factors, packages)

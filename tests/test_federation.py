@@ -36,7 +36,7 @@ from mos.common.wire import (
 from mos.server.fusion import FusionConfig, FusionEngine
 from mos.server.registry import Registry, RegistryError
 from mos.server.strategy import GradientFusionStrategy, NotEnoughClients, WeightFusionStrategy
-from tests.conftest import make_photos, random_package
+from tests.conftest import make_photos, random_fused, random_package
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,11 +140,7 @@ def test_tampered_oversized_or_lying_records_are_refused():
 
 def test_fused_model_round_trips_and_is_verified(tmp_path):
     base = build_tiny()
-    engine = FusionEngine(base, [random_package(base, "dog1", 1), random_package(base, "cat2", 2)])
-    result = engine.weight_fusion()
-    fused = FusedModel.from_packages(
-        result.strategy, result.factors, list(engine.packages.values())
-    )
+    fused = random_fused(base, [random_package(base, "dog1", 1), random_package(base, "cat2", 2)])
     arrays, meta = fused_to_records(fused, 3)
     back, version = fused_from_records(arrays, meta)
     assert version == 3 and [c.name for c in back.concepts] == ["dog1", "cat2"]
@@ -317,11 +313,7 @@ def test_client_stores_the_fused_model_and_reports_only_numbers(settings):
     base = build_tiny()
     reply = handle_train(train_message(base), settings).content
     own = package_from_records(reply.array_records[fed.PACKAGE], reply.config_records[fed.MANIFEST])
-    engine = FusionEngine(build_tiny(), [own, random_package(base, "cat2", seed=2)])
-    result = engine.weight_fusion()
-    fused = FusedModel.from_packages(
-        result.strategy, result.factors, list(engine.packages.values())
-    )
+    fused = random_fused(base, [own, random_package(base, "cat2", seed=2)])
     arrays, meta = fused_to_records(fused, 1)
     meta["round"], meta["final-round"] = 1, 1
     msg = Message(

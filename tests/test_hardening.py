@@ -19,9 +19,8 @@ from mos.common.concepts import ConceptError, parse_concept_name
 from mos.common.fused import FusedModel
 from mos.common.package import ConceptPackage, PackageError
 from mos.common.safecheck import HeaderError, check_header
-from mos.server.fusion import FusionEngine
 from mos.server.registry import Registry
-from tests.conftest import random_package
+from tests.conftest import random_fused, random_package
 
 
 def raw_file(path, header: dict, data: bytes = b"", length: int | None = None):
@@ -107,8 +106,7 @@ def test_a_crash_at_any_write_leaves_the_registry_loadable(tmp_path, monkeypatch
     base = build_tiny()
     real_replace = files.os.replace
     pkgs = [random_package(base, n, seed=i) for i, n in enumerate(["dog1", "cat2"])]
-    res = FusionEngine(build_tiny(), pkgs).weight_fusion()
-    fused = FusedModel.from_packages(res.strategy, res.factors, pkgs)
+    fused = random_fused(base, pkgs)
     k = 0
     while True:
         state = tmp_path / f"s{k}"

@@ -17,10 +17,9 @@ from mos.common.base import build_tiny
 from mos.common.fused import COMPACT_FILE, FusedModel
 from mos.common.processes import free_port
 from mos.proto import hub_pb2
-from mos.server.fusion import FusionEngine
 from mos.server.hub import ModelHub, serve_hub
 from mos.server.registry import Registry
-from tests.conftest import random_package
+from tests.conftest import random_fused, random_package
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +31,7 @@ def publish(state: Path, names: list[str], report: bool = True) -> Registry:
     pkgs = [random_package(base, n, seed=i) for i, n in enumerate(names)]
     for p in pkgs:
         reg.accept(p, origin=f"node-{p.concept.name}", node_id=7, round=1)
-    res = FusionEngine(base, pkgs).weight_fusion()
-    fused = FusedModel.from_packages(res.strategy, res.factors, pkgs)
+    fused = random_fused(base, pkgs)
     rep = None
     if report:
         rep = {

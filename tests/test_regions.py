@@ -138,16 +138,10 @@ def compact_model(tmp_path):
 
 def _compact_model(tmp_path):
     """A compact fused model of two random concepts (dog1, cat2) on the tiny base."""
-    from mos.common.fused import FusedModel
-    from mos.server.fusion import FusionEngine
-    from tests.conftest import random_package
+    from tests.conftest import random_fused, random_package
 
     base = build_tiny()
-    engine = FusionEngine(base, [random_package(base, "dog1", 1), random_package(base, "cat2", 2)])
-    result = engine.weight_fusion()
-    fused = FusedModel.from_packages(
-        result.strategy, result.factors, list(engine.packages.values())
-    )
+    fused = random_fused(base, [random_package(base, "dog1", 1), random_package(base, "cat2", 2)])
     return fused.save_compact(tmp_path / "fused.safetensors")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mos.client.client_app import CLIENT_FILE
 from mos.common.base import TOY, BaseModel, load_base_model
 from mos.common.config import TrainConfig
 from mos.common.fused import FusedModel
@@ -41,7 +42,7 @@ def write_concept_folder(folder: Path, name: str, count: int = 8, seed: int = 0)
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(concept_photos(name, count, seed)):
         img.save(folder / f"{i:02d}.png")
-    (folder / ".mos-client.json").write_text(
+    (folder / CLIENT_FILE).write_text(
         json.dumps({"concept": name, "class_word": CONCEPTS[name].class_word})
     )
     return folder

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from mos.common.base import build_components, tiny_configs
+from mos.common.files import atomic_write
 from mos.common.tokenizer import build_tiny_tokenizer, default_words
 
 from .world import WORDS
@@ -77,10 +78,7 @@ def save_toy_weights(
             tensors[f"{prefix}.{name}"] = t.detach().to("cpu", torch.float16).contiguous()
     meta = {"format": "mos-toy-base", "info": json.dumps(info, sort_keys=True)}
     meta["vae_scaling_factor"] = str(float(vae.config.scaling_factor))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_toy_components(

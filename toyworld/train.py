@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from mos.common.base import BaseModel
 from mos.common.concepts import tokenize
+from mos.common.images import image_grid, loss_curve
 
 from . import world
 from .analyse import analyse
@@ -202,44 +203,9 @@ def adherence(
     return {k: v / len(triples) for k, v in hits.items()} | {"n": len(triples), "images": images}
 
 
-def save_grid(images, path: Path, cols: int = 16, scale: int = 3) -> None:
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    grid.resize((cols * w * scale, rows * h * scale), Image.Resampling.NEAREST).save(path)
-
-
-def save_loss_png(curves: dict[str, list[float]], path: Path) -> None:
-    """A loss-curve PNG drawn with PIL (log scale, moving average)."""
-    from PIL import Image, ImageDraw
-
-    width, height, pad = 640, 240, 30
-    img = Image.new("RGB", (width, height * len(curves)), "white")
-    d = ImageDraw.Draw(img)
-    for row, (name, values) in enumerate(curves.items()):
-        k = max(1, len(values) // 200)
-        smooth = np.convolve(np.log10(np.maximum(values, 1e-8)), np.ones(k) / k, mode="valid")
-        lo, hi = float(smooth.min()), float(smooth.max()) or 1.0
-        y0 = row * height
-        pts = [
-            (
-                pad + (width - 2 * pad) * i / max(1, len(smooth) - 1),
-                y0 + height - pad - (height - 2 * pad) * (v - lo) / max(hi - lo, 1e-6),
-            )
-            for i, v in enumerate(smooth)
-        ]
-        d.rectangle((pad, y0 + pad, width - pad, y0 + height - pad), outline="gray")
-        d.line(pts, fill="navy", width=2)
-        d.text(
-            (pad + 4, y0 + 8),
-            f"{name}: log10 loss {10**hi:.3g} -> {10 ** smooth[-1]:.3g} ({len(values)} steps)",
-            fill="black",
-        )
-    img.save(path)
+def sample_grid(images: list, cols: int = 16):
+    """The samples in rows of ``cols``."""
+    return image_grid([images[i : i + cols] for i in range(0, len(images), cols)], min_cell=96)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,16 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         "final_loss": round(float(np.mean(unet_losses[-200:])), 4),
     }
     save_toy_weights(args.out, ema_text, ema_unet, vae, info)
-    save_loss_png(
-        {"vae": vae_losses, "unet + text encoder": unet_losses}, args.out.with_suffix(".loss.png")
-    )
+    curves = [[loss_curve(vae_losses, "VAE loss")], [loss_curve(unet_losses, "UNet + text loss")]]
+    image_grid(curves, min_cell=1).save(args.out.with_suffix(".loss.png"))
     log.info("wrote %s (%.1f MB)", args.out, args.out.stat().st_size / 1e6)
 
     base = BaseModel.from_components(
         tokenizer, ema_text, ema_unet, vae, TOY, dict(TOY_SCHEDULER_CONFIG)
     )
     result = adherence(base, n=args.eval_prompts)
-    save_grid(result.pop("images"), args.out.with_suffix(".samples.png"))
+    sample_grid(result.pop("images")).save(args.out.with_suffix(".samples.png"))
     info["held_out_adherence"] = {
         k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()
     }
