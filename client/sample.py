@@ -238,22 +238,18 @@ def _absolute_if_local(name: str) -> str:
     return str(p.resolve()) if p.exists() else name
 
 
-def load_conditions(scene: Scene, num_regions: int) -> list[AdapterCondition]:
+def load_conditions(scene: Scene) -> list[AdapterCondition]:
     """Load each adapter and its image; per-region weights by the regions' order."""
-    conditions = []
-    for a in scene.adapters:
-        conditions.append(
-            AdapterCondition(
-                adapter=load_adapter(a.model),
-                image=read_condition_image(a.image),
-                weight=a.weight,
-                region_weights=tuple(r.adapter_weights.get(a.name) for r in scene.regions)
-                if num_regions
-                else (),
-                name=a.name,
-            )
+    return [
+        AdapterCondition(
+            adapter=load_adapter(a.model),
+            image=read_condition_image(a.image),
+            weight=a.weight,
+            region_weights=tuple(r.adapter_weights.get(a.name) for r in scene.regions),
+            name=a.name,
         )
-    return conditions
+        for a in scene.adapters
+    ]
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -271,7 +267,7 @@ def run(args: argparse.Namespace) -> Path:
     regions = scene.to_regions(width, height)
     pipe = MixOfShowPipeline(base, concepts)
     _check_tokens(concepts, base, [scene.prompt, *(r.prompt for r in regions)])
-    adapters = load_conditions(scene, len(regions))
+    adapters = load_conditions(scene)
     for cond in adapters:
         cond.adapter.to(base.device)
     images = []
