@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..common.attention import AttentionMapRecorder, layerwise_cross_attention
-from ..common.base import BaseModel
+from ..common.base import BaseModel, denoising_target
 from ..common.concepts import Concept, ConceptTable, encode_prompts, tokenize
 from ..common.config import TrainConfig
 from ..common.edlora import add_concept_tokens, initial_embeddings, trainable_rows
@@ -105,7 +105,8 @@ def denoising_loss(
             tt = torch.full((len(photos),), t, device=base.device)
             noisy = base.noise_scheduler.add_noise(latents, noise, tt)
             pred = base.unet(noisy, tt, encoder_hidden_states=context).sample
-            total += float(F.mse_loss(pred.float(), noise))
+            target = denoising_target(base.noise_scheduler, latents, noise, tt)
+            total += float(F.mse_loss(pred.float(), target))
     return total / len(timesteps)
 
 
@@ -241,7 +242,6 @@ def _train(
         base.text_encoder.gradient_checkpointing_enable({"use_reentrant": False})
     amp = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    prediction = base.noise_scheduler.config.prediction_type
     num_train_t = base.noise_scheduler.config.num_train_timesteps
     recorder = AttentionMapRecorder() if use_attn_reg else None
 
@@ -291,10 +291,7 @@ def _train(
                 noise = noise.to(device)
                 t = torch.randint(0, num_train_t, (config.batch_size,), generator=gen).to(device)
                 noisy = base.noise_scheduler.add_noise(latents, noise, t)
-                if prediction == "v_prediction":
-                    target = base.noise_scheduler.get_velocity(latents, noise, t)
-                else:
-                    target = noise
+                target = denoising_target(base.noise_scheduler, latents, noise, t)
                 batch_ids = caption_ids[idx.to(device)]
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     hidden = base.text_encoder(batch_ids.flatten(0, 1))[0]

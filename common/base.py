@@ -57,6 +57,22 @@ SD_SCHEDULER_CONFIG = {
 }
 
 
+def denoising_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet is trained to predict at ``scheduler.add_noise(latents, noise, t)``: the
+    noise (``epsilon``, SD 1.x), the velocity (``v_prediction``, SD 2.x and the toy model) or
+    the clean latents (``sample``)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unknown prediction_type {kind!r} in the scheduler config")
+
+
 class BaseModelError(ValueError):
     """A base model could not be loaded; the message says why and what to do."""
 

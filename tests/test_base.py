@@ -109,3 +109,28 @@ def test_fingerprint_is_the_same_in_every_process():
         for seed in ("1", "2", "3")
     }
     assert len(prints) == 1 and build_tiny().fingerprint in prints
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_denoising_target_is_what_the_scheduler_steps_with(kind):
+    """A UNet that predicted the target exactly would let the sampler recover the clean
+    latents: the scheduler's own x0 formula for each prediction type gives them back."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from mos.common.base import SD_SCHEDULER_CONFIG, denoising_target
+
+    config = dict(SD_SCHEDULER_CONFIG, prediction_type=kind)
+    train, sample = DDPMScheduler.from_config(config), DDIMScheduler.from_config(config)
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 500, 990])
+    noisy = train.add_noise(latents, noise, t)
+    target = denoising_target(train, latents, noise, t)
+    sample.set_timesteps(1000)
+    for i in range(3):
+        step = sample.step(target[i : i + 1], int(t[i]), noisy[i : i + 1], eta=0.0)
+        torch.testing.assert_close(step.pred_original_sample, latents[i : i + 1], atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        denoising_target(
+            DDPMScheduler.from_config(dict(config, prediction_type="x")), latents, noise, t
+        )
