@@ -24,11 +24,16 @@ from .world import WORDS
 
 WEIGHTS = Path(__file__).parent / "weights" / "toy-base.safetensors"
 TOY = "toy"
-# DDPM's linear betas instead of SD's scaled-linear ones. With SD's schedule the last
-# timestep keeps sqrt(alpha_bar) = 0.07 of the latent, and on 16x16 latents the image's mean
-# colour then shows through the noise as clearly as the noise's own mean (std 1/16): the
-# model learned to read the background from the noise and sampling from pure noise ignored
-# the prompt (3% of held-out prompts right). Linear betas leave 0.007 of it.
+# DDPM's linear betas instead of SD's scaled-linear ones, and v-prediction (as SD 2.x).
+# With SD's schedule the last timestep keeps sqrt(alpha_bar) = 0.07 of the latent, and on
+# 16x16 latents the image's mean colour then shows through the noise as clearly as the
+# noise's own mean (std 1/16): the model learned to read the background from the noise and
+# sampling from pure noise ignored the prompt (3% of held-out prompts right). Linear betas
+# leave 0.007 of it. With epsilon prediction the noisiest timesteps, where the prompt decides
+# the image, then cost almost nothing to get wrong (the noise is the input): the model never
+# learned to use the text (the same error with and without a prompt). Predicting the velocity
+# makes them count: 800 steps gave 91% colour and 100% background on held-out prompts,
+# against 15% and 58% after 3000 epsilon steps.
 TOY_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -37,7 +42,7 @@ TOY_SCHEDULER_CONFIG = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
 }
 
 

@@ -7,8 +7,9 @@ Two phases on generated data (``toyworld.world``):
 1. the VAE (AutoencoderKL, 32 px -> 4x16x16 latents): L1 + MSE reconstruction and a small
    KL term; its latents' standard deviation sets ``scaling_factor``;
 2. the UNet and the CLIP text encoder together, from scratch, on the cached latents
-   (epsilon prediction, SD 1.x's noise schedule, 10% empty captions for classifier-free
-   guidance, an EMA of the weights).
+   (v-prediction on linear betas, see ``model.TOY_SCHEDULER_CONFIG``; the weight of nearly
+   clean timesteps capped as in Min-SNR; 10% empty captions for classifier-free guidance;
+   an EMA of the weights).
 
 Captions vary ("a red circle on a blue background", "a photo of a red circle", "a circle",
 two objects joined by "and"), so prompts such as "a photo of a <TOK>" and region prompts
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mos.common.base import BaseModel
+from mos.common.base import BaseModel, denoising_target
 from mos.common.concepts import tokenize
 from mos.common.images import image_grid, loss_curve
 
@@ -46,7 +47,7 @@ log = logging.getLogger("mos.toyworld.train")
 
 def caption_variants(scene: world.Scene, rng: random.Random) -> str:
     """One of several phrasings of a scene's caption (attributes sometimes left out)."""
-    if len(scene.things) > 1 or rng.random() < 0.6:
+    if len(scene.things) > 1 or rng.random() < 0.8:
         text = scene.caption
     else:
         t = scene.things[0]
@@ -77,7 +78,9 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator):
+def train_vae(
+    vae, images: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator
+) -> list[float]:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     losses = []
@@ -118,8 +121,34 @@ def encode_latents(
     return torch.cat(means), torch.cat(stds)
 
 
+def min_snr_weights(sched, gamma: float) -> torch.Tensor:
+    """Loss weights per timestep that cap the weight of nearly clean timesteps at ``gamma``
+    (in units of the clean-latent error), as Min-SNR-gamma does (Hang et al. 2023), without
+    lowering the weight of the noisiest ones, where the prompt decides the image. For
+    ``v_prediction`` the clean-latent error counts SNR + 1 times in the velocity error, so the
+    weight is min(1, gamma / (SNR + 1)); for ``epsilon`` it counts SNR times: min(1, gamma / SNR).
+    ``gamma <= 0`` gives equal weights."""
+    ab = sched.alphas_cumprod.double()
+    snr = ab / (1 - ab)
+    if gamma <= 0:
+        return torch.ones_like(snr).float()
+    counts = snr + 1 if sched.config.prediction_type == "v_prediction" else snr
+    return (gamma / counts).clamp(max=1.0).float()
+
+
 def train_denoiser(
-    unet, text_encoder, tokenizer, means, stds, captions_of, steps, batch, lr, gen, ema_decay
+    unet,
+    text_encoder,
+    tokenizer,
+    means,
+    stds,
+    captions_of,
+    steps,
+    batch,
+    lr,
+    gen,
+    ema_decay,
+    min_snr: float = 5.0,
 ):
     from diffusers import DDPMScheduler
 
@@ -134,6 +163,7 @@ def train_denoiser(
     ]
     ema_params = [p for m in ema for p in m.parameters()]
     sf = 1.0  # latents arrive scaled
+    weights = min_snr_weights(sched, min_snr).to(unet.device)
     losses = []
     bar = tqdm(range(steps), desc="unet+text", mininterval=10)
     for step in bar:
@@ -147,7 +177,9 @@ def train_denoiser(
         ids = tokenize(tokenizer, captions_of(idx.tolist(), step)).to(device)
         context = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred, noise)
+        target = denoising_target(sched, z.to(device), noise, t)
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * weights[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -215,11 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=60000)
-    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=4500, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--min-snr", type=float, default=5.0, help="cap on the weight of clean timesteps (0: off)"
+    )
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--eval-prompts", type=int, default=96)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -243,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (unet, vae, text_encoder)),
     )
     t0 = time.time()
-    vae_losses = train_vae(vae, images, args.vae_steps, args.vae_batch, 1e-3, gen)
+    vae_losses = train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr, gen)
     vae_s = time.time() - t0
     means, stds = encode_latents(vae, images)
     scaling = float(1.0 / means.std())
@@ -274,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lr,
         gen,
         args.ema,
+        args.min_snr,
     )
     unet_s = time.time() - t0
     info = {
@@ -284,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "lr": args.lr,
         "ema": args.ema,
+        "min_snr": args.min_snr,
+        "vae_lr": args.vae_lr,
+        "prediction_type": TOY_SCHEDULER_CONFIG["prediction_type"],
         "vae_seconds": round(vae_s),
         "unet_seconds": round(unet_s),
         "torch_threads": torch.get_num_threads(),
