@@ -48,6 +48,9 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d["steps"], help="ED-LoRA steps on each client")
     p.add_argument("--resolution", type=int, default=0, help="training px (0: native)")
     p.add_argument("--rank", type=int, default=d["rank"])
+    p.add_argument("--lr-embedding", type=float, default=d["lr-embedding"])
+    p.add_argument("--lr-text", type=float, default=d["lr-text"], help="text-encoder LoRA lr")
+    p.add_argument("--lr-unet", type=float, default=d["lr-unet"], help="UNet LoRA lr")
     p.add_argument("--fusion-mode", choices=("independent", "sequential"), default=d["fusion-mode"])
     p.add_argument("--fusion-steps", type=int, default=d["fusion-steps"])
     p.add_argument("--round-timeout", type=float, default=d["round-timeout-s"], help="seconds")
@@ -64,6 +67,9 @@ def _overrides(args: argparse.Namespace, state: Path, **more) -> dict:
         "steps": args.steps,
         "resolution": args.resolution,
         "rank": args.rank,
+        "lr-embedding": args.lr_embedding,
+        "lr-text": args.lr_text,
+        "lr-unet": args.lr_unet,
         "fusion-mode": args.fusion_mode,
         "fusion-steps": args.fusion_steps,
         "round-timeout-s": float(args.round_timeout),

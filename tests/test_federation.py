@@ -104,6 +104,22 @@ def test_run_settings_validate_with_the_key_named():
         fed.RunSettings.from_run_config({**fed.RUN_CONFIG_DEFAULTS, "strategy": "fedavg"})
 
 
+def test_server_and_simulation_options_reach_the_clients_training_settings(tmp_path):
+    from mos.common.cli import UsageError
+    from mos.server.launch import _overrides, server_parser, simulate_parser
+
+    for parser, extra in ((server_parser(), []), (simulate_parser(), ["--clients", "2",
+                          "--data-root", str(tmp_path)])):  # fmt: skip
+        args = parser.parse_args([*extra, "--steps", "7", "--lr-embedding", "0.005",
+                                  "--lr-text", "0.0001", "--lr-unet", "0.001"])  # fmt: skip
+        values = _overrides(args, tmp_path)
+        t = fed.RunSettings.from_run_config({**fed.RUN_CONFIG_DEFAULTS, **values}).train_config()
+        assert (t.steps, t.lr_embedding, t.lr_text_lora, t.lr_unet_lora) == (7, 5e-3, 1e-4, 1e-3)
+        args = parser.parse_args([*extra, "--lr-unet", "-1"])
+        with pytest.raises(UsageError, match="lr-unet"):
+            _overrides(args, tmp_path)
+
+
 # --- records -------------------------------------------------------------------------
 def test_package_round_trips_through_records_and_bf16_goes_as_fp32():
     base = build_tiny()
