@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from mos.common.config import TrainConfig
 from mos.common.fused import FusedModel
 from mos.common.images import image_grid
 from mos.server.fusion import FusionConfig, FusionEngine
@@ -80,7 +79,9 @@ def detector_accuracy(names: list[str], base_pipe, n: int = 20) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concepts", nargs="+", default=list(world.CONCEPTS))
-    p.add_argument("--steps", type=int, default=300, help="tuning steps per concept")
+    p.add_argument(
+        "--steps", type=int, default=ev.TOY_TRAINING["steps"], help="tuning steps per concept"
+    )
     p.add_argument("--samples", type=int, default=16, help="samples per concept and model")
     p.add_argument("--placement-seeds", type=int, default=10)
     p.add_argument("--fuse-n", type=int, nargs="+", default=[2, 5, 8])
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = [world.concept_photos(name, 1, seed=0, size=32)[0], base_imgs[0]]
         for method in ("edlora", "lora"):
             start = time.time()
-            cfg = TrainConfig(method=method, steps=args.steps, seed=0)
+            cfg = ev.toy_train_config(method=method, steps=args.steps, seed=0)
             pkg = ev.tune(name, cfg)
             packages[method][name] = pkg
             pipe = ev.single_concept_pipeline(pkg)
