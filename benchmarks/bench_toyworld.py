@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             for regional in (True, False):
                 pl = ev.placement(pipe, group, args.placement_seeds, seed=3, regional=regional)
                 key = f"{'+'.join(group)}/{'regional' if regional else 'plain'}"
-                placement[key] = {"all_placed": pl.all_placed, "in_own_box": pl.in_own_box}
+                placement[key] = {
+                    "all_placed": pl.all_placed,
+                    "in_own_box": pl.in_own_box,
+                    "own_beats_other": pl.own_beats_other,
+                }
                 grids.append((key, pl.images))
                 log.info("%s: all placed %.2f", key, pl.all_placed)
     result["placement"] = placement
@@ -237,14 +241,19 @@ def markdown(r: dict) -> str:
     if r["placement"]:
         lines += [
             "",
-            "| regional placement (all concepts in own box, none elsewhere) | regional | plain prompt |",
+            "| placement: all concepts in own box, none elsewhere (scores highest in own box) | regional | plain prompt |",
             "|---|---|---|",
         ]
         groups = sorted({k.split("/")[0] for k in r["placement"]}, key=lambda g: (g.count("+"), g))
         for g in groups:
-            lines.append(
-                f"| {g} | {r['placement'][g + '/regional']['all_placed']:.2f} | {r['placement'][g + '/plain']['all_placed']:.2f} |"
-            )
+            cells = []
+            for mode in ("regional", "plain"):
+                d = r["placement"][f"{g}/{mode}"]
+                beats = d.get("own_beats_other")
+                cells.append(
+                    f"{d['all_placed']:.2f}" + (f" ({beats:.2f})" if beats is not None else "")
+                )
+            lines.append(f"| {g} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
