@@ -8,8 +8,8 @@ the text encoder and UNet, and optimises (AdamW, three learning rates, linear de
 - text-encoder LoRA (q/k/v/out of every CLIP attention);
 - UNet LoRA (to_q/to_k/to_v/to_out.0 of every transformer attention).
 
-The loss is the epsilon (or v) MSE with a noise offset; with subject masks, optionally only
-inside the mask, plus the attention regularisation. VAE latents are encoded once per photo
+The loss is the MSE against ``denoising_target`` (epsilon or v) with a noise offset; with
+subject masks, optionally only inside the mask, plus the attention regularisation. VAE latents are encoded once per photo
 and flip (the crop is fixed), keeping the distribution so every step still samples fresh
 latents, exactly as encoding each step would.
 
@@ -85,7 +85,8 @@ def denoising_loss(
     timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
     seed: int = 0,
 ) -> float:
-    """Mean epsilon-MSE of ``base`` on ``photos`` with ``caption``, over fixed noise and timesteps.
+    """Mean denoising MSE (against ``denoising_target``: noise or velocity) of ``base`` on
+    ``photos`` with ``caption``, over fixed noise and timesteps.
 
     The same photos, seed and timesteps give the same batch, so two models can be compared
     (a concept model before and after tuning, or the fused model against the concept model).

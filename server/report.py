@@ -70,7 +70,8 @@ def noise_predictions(
     prompts: Sequence[str],
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """UNet epsilon on the given inputs, with the adapters as currently set."""
+    """The UNet's prediction (noise or velocity, as the scheduler says) on the given inputs,
+    with the adapters as currently set."""
     base = engine.base
     xs, ts, index = inputs
     ctx = encode_prompts(

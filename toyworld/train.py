@@ -162,14 +162,13 @@ def train_denoiser(
         copy.deepcopy(text_encoder).eval().requires_grad_(False),
     ]
     ema_params = [p for m in ema for p in m.parameters()]
-    sf = 1.0  # latents arrive scaled
     weights = min_snr_weights(sched, min_snr).to(unet.device)
     losses = []
     bar = tqdm(range(steps), desc="unet+text", mininterval=10)
     for step in bar:
         idx = torch.randint(0, len(means), (batch,), generator=gen)
         device = unet.device
-        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
+        z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)  # scaled
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         noisy = sched.add_noise(z, noise, t).to(device)
