@@ -9,9 +9,9 @@ the text encoder and UNet, and optimises (AdamW, three learning rates, linear de
 - UNet LoRA (to_q/to_k/to_v/to_out.0 of every transformer attention).
 
 The loss is the MSE against ``denoising_target`` (epsilon or v) with a noise offset; with
-subject masks, optionally only inside the mask, plus the attention regularisation. VAE latents are encoded once per photo
-and flip (the crop is fixed), keeping the distribution so every step still samples fresh
-latents, exactly as encoding each step would.
+subject masks, optionally only inside the mask, plus the attention regularisation. VAE
+latents are encoded once per photo and flip (the crop is fixed), keeping the distribution
+so every step still samples fresh latents, exactly as encoding each step would.
 
 On return the base carries the concept (tokens, embeddings, adapters) so it can sample.
 """
