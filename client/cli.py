@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-embedding", type=float, default=1e-3, help="embedding learning rate")
     p.add_argument("--lr-text", type=float, default=1e-5, help="text-encoder LoRA learning rate")
     p.add_argument("--lr-unet", type=float, default=1e-4, help="UNet LoRA learning rate")
+    p.add_argument(
+        "--flip-p",
+        type=float,
+        default=0.5,
+        help="probability of a horizontal flip (0 for subjects with a handedness: text, logos)",
+    )
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--kv-dropout", type=float, default=0.0, help="0.2 is the reference for objects")
     p.add_argument("--seed", type=int, default=0)
@@ -146,6 +152,7 @@ def run(args: argparse.Namespace) -> Path:
         lr_embedding=args.lr_embedding,
         lr_text_lora=args.lr_text,
         lr_unet_lora=args.lr_unet,
+        flip_p=args.flip_p,
         lora_dropout=args.lora_dropout,
         kv_dropout=args.kv_dropout,
         seed=args.seed,

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         t = TOY_TRAINING
         training = ["--steps", str(args.steps or t["steps"]), "--lr-embedding",
                     str(t["lr_embedding"]), "--lr-text", str(t["lr_text_lora"]),
-                    "--lr-unet", str(t["lr_unet_lora"])]  # fmt: skip
+                    "--lr-unet", str(t["lr_unet_lora"]), "--flip-p", str(t["flip_p"])]  # fmt: skip
     folders = (write_toy_folders if toy else write_client_folders)(args.out / "photos")
     print(f"mos-demo: wrote the photos of {len(folders)} clients to {args.out / 'photos'}")
     code = simulate_main(

@@ -43,6 +43,7 @@ RUN_CONFIG_DEFAULTS: dict[str, str | int | float | bool] = {
     "lr-embedding": 1e-3,
     "lr-text": 1e-5,
     "lr-unet": 1e-4,
+    "flip-p": 0.5,
     "seed": 0,
     "fusion-mode": "independent",
     "fusion-steps": 20,
@@ -81,6 +82,7 @@ class RunSettings(_Model):
     lr_embedding: float = Field(1e-3, ge=0, alias="lr-embedding")
     lr_text: float = Field(1e-5, ge=0, alias="lr-text")
     lr_unet: float = Field(1e-4, ge=0, alias="lr-unet")
+    flip_p: float = Field(0.5, ge=0, le=1, alias="flip-p")
     seed: int = Field(0, ge=0)
     fusion_mode: Literal["sequential", "independent"] = Field("independent", alias="fusion-mode")
     fusion_steps: int = Field(20, ge=1, alias="fusion-steps")
@@ -106,6 +108,7 @@ class RunSettings(_Model):
             lr_embedding=self.lr_embedding,
             lr_text_lora=self.lr_text,
             lr_unet_lora=self.lr_unet,
+            flip_p=self.flip_p,
             seed=self.seed,
         )
 

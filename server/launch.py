@@ -51,6 +51,12 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-embedding", type=float, default=d["lr-embedding"])
     p.add_argument("--lr-text", type=float, default=d["lr-text"], help="text-encoder LoRA lr")
     p.add_argument("--lr-unet", type=float, default=d["lr-unet"], help="UNet LoRA lr")
+    p.add_argument(
+        "--flip-p",
+        type=float,
+        default=d["flip-p"],
+        help="probability of a horizontal flip in tuning (0 for subjects with a handedness)",
+    )
     p.add_argument("--fusion-mode", choices=("independent", "sequential"), default=d["fusion-mode"])
     p.add_argument("--fusion-steps", type=int, default=d["fusion-steps"])
     p.add_argument("--round-timeout", type=float, default=d["round-timeout-s"], help="seconds")
@@ -70,6 +76,7 @@ def _overrides(args: argparse.Namespace, state: Path, **more) -> dict:
         "lr-embedding": args.lr_embedding,
         "lr-text": args.lr_text,
         "lr-unet": args.lr_unet,
+        "flip-p": args.flip_p,
         "fusion-mode": args.fusion_mode,
         "fusion-steps": args.fusion_steps,
         "round-timeout-s": float(args.round_timeout),

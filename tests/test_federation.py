@@ -111,12 +111,18 @@ def test_server_and_simulation_options_reach_the_clients_training_settings(tmp_p
     for parser, extra in ((server_parser(), []), (simulate_parser(), ["--clients", "2",
                           "--data-root", str(tmp_path)])):  # fmt: skip
         args = parser.parse_args([*extra, "--steps", "7", "--lr-embedding", "0.005",
-                                  "--lr-text", "0.0001", "--lr-unet", "0.001"])  # fmt: skip
+                                  "--lr-text", "0.0001", "--lr-unet", "0.001",
+                                  "--flip-p", "0"])  # fmt: skip
         values = _overrides(args, tmp_path)
         t = fed.RunSettings.from_run_config({**fed.RUN_CONFIG_DEFAULTS, **values}).train_config()
         assert (t.steps, t.lr_embedding, t.lr_text_lora, t.lr_unet_lora) == (7, 5e-3, 1e-4, 1e-3)
+        assert t.flip_p == 0.0
+        assert parser.parse_args(extra).flip_p == 0.5  # the paper's default stays
         args = parser.parse_args([*extra, "--lr-unet", "-1"])
         with pytest.raises(UsageError, match="lr-unet"):
+            _overrides(args, tmp_path)
+        args = parser.parse_args([*extra, "--flip-p", "1.5"])
+        with pytest.raises(UsageError, match="flip-p"):
             _overrides(args, tmp_path)
 
 
