@@ -33,8 +33,16 @@ from .world import COLOURS, CONCEPTS, article, concept_photos
 
 # ED-LoRA on the toy base: SD's learning rates are 10x too small for a model trained from
 # scratch in an hour (checker, 8 photos: detector score 0.00 after 150 steps at SD's rates,
-# 0.33 after 400 steps at these; RESULTS.md, toy world).
-TOY_TRAINING = {"steps": 400, "lr_embedding": 5e-3, "lr_text_lora": 1e-4, "lr_unet_lora": 1e-3}
+# 0.33 after 400 steps at these; RESULTS.md, toy world). No flips: checker, halfmoon and
+# flag have a handedness, and a mirrored one is another concept to the detector (checker:
+# 0 of 8 samples detected with flips, 2 of 8 without).
+TOY_TRAINING = {
+    "steps": 400,
+    "lr_embedding": 5e-3,
+    "lr_text_lora": 1e-4,
+    "lr_unet_lora": 1e-3,
+    "flip_p": 0.0,
+}
 DETECTED = 0.5  # detector score from which a concept counts as present (see RESULTS.md)
 SAMPLE_STEPS = 25
 GUIDANCE = 4.0
