@@ -92,7 +92,9 @@ class Registry:
             raise RegistryError(
                 f"{root} holds concepts for base {data['base_fingerprint'][:12]} "
                 f"({data.get('base_source', '?')}); this server runs base "
-                f"{base.fingerprint[:12]} ({base.source}). Use another --state-dir."
+                f"{base.fingerprint[:12]} ({base.source}): the base changed (e.g. a newer "
+                "toy model). Use another --state-dir (mos-simulate, mos-demo: another --out), "
+                "or remove that folder to start over."
             )
         for d in data.get("concepts", []):
             entry = Entry(**d)
