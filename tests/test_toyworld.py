@@ -228,6 +228,46 @@ def test_the_training_script_writes_weights_that_load_back(tmp_path):
 
     assert json.loads((tmp_path / "toy.json").read_text())["held_out_adherence"]["n"] == 2
 
+    # continuing from those weights without VAE steps keeps the VAE and its scale
+    more = tmp_path / "more.safetensors"
+    args = ["--out", str(more), "--init", str(out), "--images", "64", "--vae-steps", "0",
+            "--steps", "1", "--batch", "8", "--eval-prompts", "2", "--two-tone", "0.5"]  # fmt: skip
+    assert main(args) == 0
+    _, _, _, vae2, info2 = load_toy_components(more)
+    assert vae2.config.scaling_factor == vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(vae.parameters(), vae2.parameters(), strict=True))
+    assert info2["init"] == str(out) and info2["two_tone"] == 0.5
+
+
+def test_two_tone_objects_are_drawn_as_captioned_and_never_in_a_concepts_colours():
+    import numpy as np
+
+    halves = world.Scene("blue", (world.Thing("red", "square", 16, 16, 10, "halves", "white"),))
+    center = world.Scene("blue", (world.Thing("red", "circle", 16, 16, 10, "center", "yellow"),))
+    assert halves.caption == "a red and white square on a blue background"
+    assert center.caption == "a red circle with a yellow center on a blue background"
+    a, b = np.asarray(world.render_scene(halves)), np.asarray(world.render_scene(center))
+    assert tuple(a[16, 10]) == world.PALETTE["red"] and tuple(a[16, 22]) == world.PALETTE["white"]
+    assert tuple(b[16, 16]) == world.PALETTE["yellow"] and tuple(b[16, 8]) == world.PALETTE["red"]
+    assert tuple(a[2, 2]) == tuple(b[2, 2]) == world.PALETTE["blue"]
+
+    rng = random.Random(0)
+    scenes = [world.random_scene(rng, two_tone=1.0) for _ in range(2000)]
+    pairs = {frozenset((s.things[0].colour, s.things[0].second)) for s in scenes}
+    assert len(pairs) > 15 and not pairs & world.concept_colour_pairs()
+    assert {s.things[0].pattern for s in scenes} == set(world.PATTERNS)
+    # without two-tone objects the world draws exactly what the committed base was trained on
+    # (fingerprint of the scenes before two-tone objects existed)
+    import hashlib
+
+    rng, rows = random.Random(5), []
+    for i in range(100):
+        sc = world.random_scene(rng, n_objects=1 + i % 2)
+        rows.append(
+            sc.caption + ";" + ";".join(f"{t.cx:.6f},{t.cy:.6f},{t.r:.6f}" for t in sc.things)
+        )
+    assert hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16] == "0bd796a39251d1a0"
+
 
 def test_the_toy_base_without_weights_is_a_clear_error(monkeypatch, tmp_path):
     from mos.common.base import BaseModelError, load_base_model

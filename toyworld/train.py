@@ -40,14 +40,21 @@ from mos.common.images import image_grid, loss_curve
 
 from . import world
 from .analyse import analyse
-from .model import TOY, TOY_SCHEDULER_CONFIG, WEIGHTS, build_toy_architecture, save_toy_weights
+from .model import (
+    TOY,
+    TOY_SCHEDULER_CONFIG,
+    WEIGHTS,
+    build_toy_architecture,
+    load_toy_components,
+    save_toy_weights,
+)
 
 log = logging.getLogger("mos.toyworld.train")
 
 
 def caption_variants(scene: world.Scene, rng: random.Random) -> str:
     """One of several phrasings of a scene's caption (attributes sometimes left out)."""
-    if len(scene.things) > 1 or rng.random() < 0.8:
+    if len(scene.things) > 1 or scene.things[0].pattern or rng.random() < 0.8:
         text = scene.caption
     else:
         t = scene.things[0]
@@ -60,13 +67,17 @@ def caption_variants(scene: world.Scene, rng: random.Random) -> str:
     return text
 
 
-def make_dataset(n: int, seed: int, two_object_fraction: float = 0.25):
-    """``n`` images (uint8 [n, 3, 32, 32]) and their scenes, held-out triples excluded."""
+def make_dataset(n: int, seed: int, two_object_fraction: float = 0.25, two_tone: float = 0.0):
+    """``n`` images (uint8 [n, 3, 32, 32]) and their scenes, held-out triples excluded; a
+    ``two_tone`` fraction of the single objects is two-tone (``world.PATTERNS``)."""
     rng = random.Random(seed)
     held = world.held_out_triples()
     scenes = [
         world.random_scene(
-            rng, n_objects=2 if rng.random() < two_object_fraction else 1, exclude=held
+            rng,
+            n_objects=2 if rng.random() < two_object_fraction else 1,
+            exclude=held,
+            two_tone=two_tone,
         )
         for _ in range(n)
     ]
@@ -246,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=60000)
+    p.add_argument(
+        "--two-tone", type=float, default=0.0, help="fraction of two-tone single objects"
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="continue from these toy weights (with --vae-steps 0 the VAE and its scale stay)",
+    )
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-batch", type=int, default=32)
@@ -268,8 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     log.info("drawing %d training images", args.images)
-    images, scenes = make_dataset(args.images, args.seed)
-    tokenizer, text_encoder, unet, vae = build_toy_architecture(seed=args.seed)
+    images, scenes = make_dataset(args.images, args.seed, two_tone=args.two_tone)
+    if args.init:
+        tokenizer, text_encoder, unet, vae, _ = load_toy_components(args.init)
+    else:
+        tokenizer, text_encoder, unet, vae = build_toy_architecture(seed=args.seed)
     device = torch.device(args.device)
     for module in (text_encoder, unet, vae):
         module.to(device)
@@ -281,12 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     vae_losses = train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr, gen)
     vae_s = time.time() - t0
     means, stds = encode_latents(vae, images)
-    scaling = float(1.0 / means.std())
+    keep = args.init is not None and args.vae_steps == 0
+    scaling = float(vae.config.scaling_factor) if keep else float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     log.info(
         "vae: %.0f s, final loss %.4f, scaling factor %.3f",
         vae_s,
-        np.mean(vae_losses[-50:]),
+        np.mean(vae_losses[-50:]) if vae_losses else float("nan"),
         scaling,
     )
     means, stds = means * scaling, stds * scaling
@@ -315,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {
         "seed": args.seed,
         "images": args.images,
+        "two_tone": args.two_tone,
+        "init": str(args.init) if args.init else None,
         "vae_steps": args.vae_steps,
         "steps": args.steps,
         "batch": args.batch,
@@ -329,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         "final_loss": round(float(np.mean(unet_losses[-200:])), 4),
     }
     save_toy_weights(args.out, ema_text, ema_unet, vae, info)
-    curves = [[loss_curve(vae_losses, "VAE loss")], [loss_curve(unet_losses, "UNet + text loss")]]
+    curves = [[loss_curve(unet_losses, "UNet + text loss")]]
+    if vae_losses:
+        curves.insert(0, [loss_curve(vae_losses, "VAE loss")])
     image_grid(curves, min_cell=1).save(args.out.with_suffix(".loss.png"))
     log.info("wrote %s (%.1f MB)", args.out, args.out.stat().st_size / 1e6)
 

@@ -58,15 +58,32 @@ def draw_shape(
         raise ValueError(f"unknown shape {shape!r}; the world has {', '.join(SHAPES)}")
 
 
+# Two-tone objects of the base world: the second colour in the right half ("a red and white
+# square") or in a dot at the centre ("a red square with a white center"). They give the base
+# model objects with inner structure, as SD knows "striped" without knowing anyone's bag.
+PATTERNS = ("halves", "center")
+
+
 @dataclass(frozen=True)
 class Thing:
-    """One object of a scene: colour, shape, centre and half-size in output pixels."""
+    """One object of a scene: colour, shape, centre and half-size in output pixels; a
+    two-tone object also has a ``pattern`` and its ``second`` colour."""
 
     colour: str
     shape: str
     cx: float
     cy: float
     r: float
+    pattern: str | None = None
+    second: str | None = None
+
+    @property
+    def words(self) -> str:
+        if self.pattern == "halves":
+            return f"{article(self.colour)} {self.colour} and {self.second} {self.shape}"
+        if self.pattern == "center":
+            return f"{article(self.colour)} {self.colour} {self.shape} with a {self.second} center"
+        return f"{article(self.colour)} {self.colour} {self.shape}"
 
 
 @dataclass(frozen=True)
@@ -76,7 +93,7 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        objects = " and ".join(f"{article(t.colour)} {t.colour} {t.shape}" for t in self.things)
+        objects = " and ".join(t.words for t in self.things)
         return f"{objects} on {article(self.background)} {self.background} background"
 
 
@@ -85,7 +102,19 @@ def render_scene(scene: Scene, size: int = SIZE) -> Image.Image:
     img = Image.new("RGB", (size * s, size * s), _rgb(scene.background))
     d = ImageDraw.Draw(img)
     for t in scene.things:
-        draw_shape(d, t.shape, t.cx * s, t.cy * s, t.r * s, _rgb(t.colour))
+        cx, cy, r = t.cx * s, t.cy * s, t.r * s
+        draw_shape(d, t.shape, cx, cy, r, _rgb(t.colour))
+        if t.pattern == "halves":
+            mask = Image.new("L", img.size, 0)
+            draw_shape(ImageDraw.Draw(mask), t.shape, cx, cy, r, 255)
+            ImageDraw.Draw(mask).rectangle((0, 0, cx, img.size[1]), fill=0)
+            img.paste(_rgb(t.second), mask=mask)
+        elif t.pattern == "center":
+            # the triangle's centroid lies a third of the way up from its base
+            dy, h = (r / 3, 0.3 * r) if t.shape == "triangle" else (0.0, 0.45 * r)
+            d.ellipse((cx - h, cy + dy - h, cx + h, cy + dy + h), fill=_rgb(t.second))
+        elif t.pattern is not None:
+            raise ValueError(f"unknown pattern {t.pattern!r}; the world has {', '.join(PATTERNS)}")
     return img.resize((size, size), Image.Resampling.BOX)
 
 
@@ -95,8 +124,10 @@ def random_scene(
     n_objects: int = 1,
     exclude: frozenset[tuple[str, str, str]] = frozenset(),
     size: int = SIZE,
+    two_tone: float = 0.0,
 ) -> Scene:
-    """A random scene; single-object scenes avoid the (colour, shape, background) in ``exclude``."""
+    """A random scene; single-object scenes avoid the (colour, shape, background) in ``exclude``
+    and are two-tone with probability ``two_tone`` (never in a personal concept's colour pair)."""
     while True:
         bg = rng.choice(COLOURS)
         things: list[Thing] = []
@@ -117,6 +148,13 @@ def random_scene(
         scene = Scene(bg, tuple(things))
         if n_objects == 1 and (things[0].colour, things[0].shape, bg) in exclude:
             continue
+        if n_objects == 1 and two_tone > 0 and rng.random() < two_tone:
+            t = things[0]
+            second = rng.choice([c for c in COLOURS if c not in (bg, t.colour)])
+            if frozenset((t.colour, second)) in concept_colour_pairs():
+                continue
+            pattern = rng.choice(PATTERNS)
+            scene = Scene(bg, (Thing(t.colour, t.shape, t.cx, t.cy, t.r, pattern, second),))
         return scene
 
 
@@ -240,6 +278,12 @@ CONCEPTS: dict[str, ConceptSprite] = {
         ),
     )
 }
+
+
+def concept_colour_pairs() -> frozenset[frozenset[str]]:
+    """The colour pairs of the two-colour personal concepts: no two-tone object of the base
+    world uses them, so no concept is a base-world object."""
+    return frozenset(frozenset(c.colours) for c in CONCEPTS.values() if len(c.colours) == 2)
 
 
 def concept_token(name: str) -> str:
