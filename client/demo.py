@@ -9,9 +9,9 @@ and ``clients/<name>/`` (each client's package and its copy of the fused model).
 
 ``--base-model toy`` runs it on the toy world's trained model instead (three toy concepts)
 and ends by composing them side by side with regional sampling (``composed.png``), checked
-with the toy world's detector. The toy model follows colours and backgrounds, but concepts
-tuned on it are not recognisable yet (benchmarks/RESULTS.md, toy world), so ``tiny`` stays
-the default.
+with the toy world's detector. The toy model follows prompts (82% of held-out prompts),
+but concepts tuned on it are not recognisable yet (benchmarks/RESULTS.md, toy world), so
+``tiny`` stays the default.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ the text encoder and UNet, and optimises (AdamW, three learning rates, linear de
 
 The loss is the MSE against ``denoising_target`` (epsilon or v) with a noise offset; with
 subject masks, optionally only inside the mask, plus the attention regularisation. VAE
-latents are encoded once per photo and flip (the crop is fixed), keeping the distribution
-so every step still samples fresh latents, exactly as encoding each step would.
+latents are encoded once per photo and flip (the crop is fixed; no mirrored copies when
+``flip_p`` is 0), keeping the distribution so every step still samples fresh latents,
+exactly as encoding each step would.
 
 On return the base carries the concept (tokens, embeddings, adapters) so it can sample.
 """
@@ -198,17 +199,19 @@ def _train(
     ids = add_concept_tokens(base, concept)
 
     # --- data: latents per (photo, flip), masks, captions tokenised per layer ---------
+    # the mirrored copies only when flips can be drawn (index 1 below)
+    views = 2 if config.flip_p > 0 else 1
     pixels, masks, has_mask = [], [], []
     for p in photos:
         x, m = photo_tensors(p, resolution)
-        pixels += [x, x.flip(-1)]
         mask = m if m is not None else torch.ones(1, resolution, resolution)
-        masks += [mask, mask.flip(-1)]
+        pixels += [x, x.flip(-1)][:views]
+        masks += [mask, mask.flip(-1)][:views]
         has_mask.append(m is not None)
     lat_mean, lat_std = _encode_latents(base, torch.stack(pixels))
-    lat_mean = lat_mean.view(len(photos), 2, *lat_mean.shape[1:])
-    lat_std = lat_std.view(len(photos), 2, *lat_std.shape[1:])
-    masks_t = torch.stack(masks).view(len(photos), 2, 1, resolution, resolution).to(device)
+    lat_mean = lat_mean.view(len(photos), views, *lat_mean.shape[1:])
+    lat_std = lat_std.view(len(photos), views, *lat_std.shape[1:])
+    masks_t = torch.stack(masks).view(len(photos), views, 1, resolution, resolution).to(device)
     has_mask_t = torch.tensor(has_mask, device=device)
     copies = num_layers if concept.layerwise else 1
     captions = [p.caption.replace(PLACEHOLDER, concept.phrase()) for p in photos]
