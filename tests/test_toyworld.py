@@ -54,6 +54,31 @@ def test_detector_finds_each_concept_and_not_the_shapes_that_share_its_colours()
                     assert det.score(img) < 0.5, (name, colour, shape, bg)
 
 
+def test_annotated_concept_folders_name_each_background_and_mask_the_concept(tmp_path):
+    import numpy as np
+
+    from mos.client.data import load_photo_folder
+    from mos.toyworld.evaluate import write_concept_folder
+
+    plain = load_photo_folder(write_concept_folder(tmp_path / "plain", "ring", 3))
+    assert [p.caption for p in plain] == ["a photo of a <TOK>"] * 3
+    assert all(p.mask is None for p in plain)
+    folder = write_concept_folder(tmp_path / "ann", "ring", 3, captions=True, masks=True)
+    photos = load_photo_folder(folder)
+    for photo, ref in zip(photos, world.concept_photos("ring", 3), strict=True):
+        assert np.array_equal(np.asarray(photo.image), np.asarray(ref))  # same photos
+        img, mask = np.asarray(photo.image).astype(int), np.asarray(photo.mask) > 127
+        corner = tuple(img[0, 0])
+        bg = next(name for name, rgb in world.PALETTE.items() if rgb == corner)
+        assert photo.caption == f"a photo of a <TOK> on {world.article(bg)} {bg} background"
+        # inside the mask: the ring's colours; well outside it: the background
+        inside = img[mask].reshape(-1, 3)
+        colours = np.array([world.PALETTE[c] for c in world.CONCEPTS["ring"].colours])
+        nearest = np.abs(inside[:, None] - colours[None]).sum(-1).min(1)
+        assert (nearest < 60).mean() > 0.9
+        assert 0.05 < mask.mean() < 0.6
+
+
 def test_detector_score_map_matches_brute_force():
     det = ConceptDetector("ring", radii=(6.0,))
     img = world.render_scene(world.Scene("green", ()))
