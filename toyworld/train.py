@@ -16,8 +16,9 @@ two objects joined by "and"), so prompts such as "a photo of a <TOK>" and region
 make sense to the model. 30% of the single objects are two-tone (halves, a centre dot,
 checker quarters, a top half; ``world.PATTERNS``), never in a personal concept's colours:
 the base then knows patterns but none of the concepts, and a concept's embedding alone can
-carry much of its identity (embedding-only detector score 0.03 -> 0.3-0.4, RESULTS.md). A fifth of the (colour, shape, background) triples is held out
-and measured at the end: ``toyworld.analyse`` reads held-out samples back.
+carry much of its identity (ED-LoRA at LoRA scale 0: detector score 0.03 -> 0.17,
+RESULTS.md). A fifth of the (colour, shape, background) triples is held out and measured
+at the end: ``toyworld.analyse`` reads held-out samples back.
 Progress is logged; the loss curve is written as PNG beside the weights.
 """
 

@@ -2,7 +2,8 @@
 
 Base-world images (32x32 px) show one or two filled shapes (circle, square, triangle) in
 one of eight colours on a background of another, captioned "a red circle on a blue
-background" or "a red circle and a blue square on a green background". Personal concepts
+background" or "a red circle and a blue square on a green background"; some single objects
+are two-tone ("a red and white checker square", ``PATTERNS``). Personal concepts
 are multi-coloured sprites the base model never sees (a red-and-white checker square, a
 blue ring with a yellow centre, ...); each has a generator of "photos" (position, scale
 and background vary). Everything is drawn at 4x and box-filtered down, so edges are
@@ -15,7 +16,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 SIZE = 32  # px, the base model's native resolution
 SUPERSAMPLE = 4
@@ -126,7 +127,7 @@ def render_scene(scene: Scene, size: int = SIZE) -> Image.Image:
                 rd.rectangle((0, cy, cx, h), fill=255)
             mask = Image.new("L", img.size, 0)
             draw_shape(ImageDraw.Draw(mask), t.shape, cx, cy, r, 255)
-            img.paste(_rgb(t.second), mask=Image.composite(mask, region, region))
+            img.paste(_rgb(t.second), mask=ImageChops.darker(mask, region))
         elif t.pattern == "center":
             # the triangle's centroid lies a third of the way up from its base
             dy, h = (r / 3, 0.3 * r) if t.shape == "triangle" else (0.0, 0.45 * r)
