@@ -319,7 +319,7 @@ class ConceptPhoto:
     mask: Image.Image
 
 
-def render_concept_photo_annotated(
+def render_concept_photo(
     concept: ConceptSprite, rng: random.Random, size: int = SIZE * 4
 ) -> ConceptPhoto:
     """One "photo" of ``concept``: random position, scale and a background of another colour."""
@@ -335,12 +335,6 @@ def render_concept_photo_annotated(
     return ConceptPhoto(img.resize((size, size), down), bg, mask.resize((size, size), down))
 
 
-def render_concept_photo(
-    concept: ConceptSprite, rng: random.Random, size: int = SIZE * 4
-) -> Image.Image:
-    return render_concept_photo_annotated(concept, rng, size).image
-
-
 def concept_photos_annotated(
     name: str, count: int = 8, seed: int = 0, size: int = SIZE * 4
 ) -> list[ConceptPhoto]:
@@ -348,7 +342,7 @@ def concept_photos_annotated(
     if name not in CONCEPTS:
         raise ValueError(f"unknown toy concept {name!r}; known: {', '.join(CONCEPTS)}")
     rng = random.Random(f"{name}:{seed}")
-    return [render_concept_photo_annotated(CONCEPTS[name], rng, size) for _ in range(count)]
+    return [render_concept_photo(CONCEPTS[name], rng, size) for _ in range(count)]
 
 
 def concept_photos(
