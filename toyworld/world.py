@@ -106,9 +106,11 @@ class Scene:
         return f"{objects} on {article(self.background)} {self.background} background"
 
 
-def render_scene(scene: Scene, size: int = SIZE) -> Image.Image:
+def render_scene(scene: Scene, size: int = SIZE, width: int | None = None) -> Image.Image:
+    """The scene as a ``width`` x ``size`` px image (square unless ``width`` is given)."""
     s = SUPERSAMPLE
-    img = Image.new("RGB", (size * s, size * s), _rgb(scene.background))
+    width = width or size
+    img = Image.new("RGB", (width * s, size * s), _rgb(scene.background))
     d = ImageDraw.Draw(img)
     for t in scene.things:
         cx, cy, r = t.cx * s, t.cy * s, t.r * s
@@ -134,7 +136,16 @@ def render_scene(scene: Scene, size: int = SIZE) -> Image.Image:
             d.ellipse((cx - h, cy + dy - h, cx + h, cy + dy + h), fill=_rgb(t.second))
         elif t.pattern is not None:
             raise ValueError(f"unknown pattern {t.pattern!r}; the world has {', '.join(PATTERNS)}")
-    return img.resize((size, size), Image.Resampling.BOX)
+    return img.resize((width, size), Image.Resampling.BOX)
+
+
+def _two_tone(rng: random.Random, t: Thing, background: str) -> Thing | None:
+    """``t`` with a random pattern and second colour, or None where the colour pair is a
+    personal concept's (the caller draws again)."""
+    second = rng.choice([c for c in COLOURS if c not in (background, t.colour)])
+    if frozenset((t.colour, second)) in concept_colour_pairs():
+        return None
+    return Thing(t.colour, t.shape, t.cx, t.cy, t.r, rng.choice(PATTERNS), second)
 
 
 def random_scene(
@@ -168,13 +179,47 @@ def random_scene(
         if n_objects == 1 and (things[0].colour, things[0].shape, bg) in exclude:
             continue
         if n_objects == 1 and two_tone > 0 and rng.random() < two_tone:
-            t = things[0]
-            second = rng.choice([c for c in COLOURS if c not in (bg, t.colour)])
-            if frozenset((t.colour, second)) in concept_colour_pairs():
+            t = _two_tone(rng, things[0], bg)
+            if t is None:
                 continue
-            pattern = rng.choice(PATTERNS)
-            scene = Scene(bg, (Thing(t.colour, t.shape, t.cx, t.cy, t.r, pattern, second),))
+            scene = Scene(bg, (t,))
         return scene
+
+
+def random_wide_scene(
+    rng: random.Random,
+    parts: int,
+    *,
+    n_objects: int | None = None,
+    exclude: frozenset[tuple[str, str, str]] = frozenset(),
+    two_tone: float = 0.0,
+) -> Scene:
+    """A scene on a canvas ``parts`` squares wide (``parts * SIZE`` x ``SIZE`` px), its
+    objects at full single-object scale, each in its own square part (``n_objects``, default
+    ``parts``, of them, in random parts, named left to right or right to left). Regional
+    sampling draws one concept per part of such a canvas; a base that has seen them draws
+    each at the size and fidelity it has in a square image. Two-tone objects as in
+    ``random_scene``; a lone object avoids the (colour, shape, background) in ``exclude``."""
+    n_objects = parts if n_objects is None else n_objects
+    if not 1 <= n_objects <= parts:
+        raise ValueError(f"{n_objects} objects do not fit one per part in {parts} parts")
+    while True:
+        bg = rng.choice(COLOURS)
+        things: list[Thing] = []
+        for part in sorted(rng.sample(range(parts), n_objects)):
+            colour = rng.choice([c for c in COLOURS if c != bg])
+            shape = rng.choice(SHAPES)
+            r = rng.uniform(6, 11)
+            cx = rng.uniform(SIZE * part + r, SIZE * (part + 1) - r)
+            t = Thing(colour, shape, cx, rng.uniform(r, SIZE - r), r)
+            if two_tone > 0 and rng.random() < two_tone:
+                t = _two_tone(rng, t, bg) or t
+            things.append(t)
+        if n_objects == 1 and (things[0].colour, things[0].shape, bg) in exclude:
+            continue
+        if rng.random() < 0.5:
+            things.reverse()
+        return Scene(bg, tuple(things))
 
 
 def held_out_triples(seed: int = 1234, fraction: float = 0.2) -> frozenset[tuple[str, str, str]]:
