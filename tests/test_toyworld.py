@@ -36,6 +36,37 @@ def test_captions_name_every_object_with_its_article():
     assert world.held_out_triples() == world.held_out_triples()  # fixed by its seed
 
 
+def test_wide_scenes_put_one_full_size_object_in_each_square_part():
+    rng = random.Random(4)
+    held = world.held_out_triples()
+    for parts in (2, 3):
+        for _ in range(60):
+            n = rng.randint(1, parts)
+            scene = world.random_wide_scene(rng, parts, n_objects=n, exclude=held)
+            assert len(scene.things) == n
+            cells = sorted(int(t.cx // world.SIZE) for t in scene.things)
+            assert len(set(cells)) == n and max(cells) < parts  # one object per part
+            for t in scene.things:
+                part = int(t.cx // world.SIZE)
+                assert 6 <= t.r <= 11  # the scale of a lone object in a square image
+                assert part * world.SIZE + t.r <= t.cx <= (part + 1) * world.SIZE - t.r
+                assert t.r <= t.cy <= world.SIZE - t.r
+            if n == 1:
+                t = scene.things[0]
+                assert (t.colour, t.shape, scene.background) not in held
+            img = world.render_scene(scene, width=parts * world.SIZE)
+            assert img.size == (parts * world.SIZE, world.SIZE)
+            # each object reads back from its own square
+            for t in scene.things:
+                x = int(t.cx // world.SIZE) * world.SIZE
+                r = analyse(img.crop((x, 0, x + world.SIZE, world.SIZE)))
+                assert (r.colour, r.shape, r.background) == (t.colour, t.shape, scene.background)
+            assert scene.caption.endswith(f"on {world.article(scene.background)} "
+                                          f"{scene.background} background")  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit"):
+        world.random_wide_scene(rng, 2, n_objects=3)
+
+
 def test_detector_finds_each_concept_and_not_the_shapes_that_share_its_colours():
     for name, concept in world.CONCEPTS.items():
         det = ConceptDetector(name)
@@ -264,7 +295,17 @@ def test_the_training_script_writes_weights_that_load_back(tmp_path):
     _, _, _, vae2, info2 = load_toy_components(more)
     assert vae2.config.scaling_factor == vae.config.scaling_factor
     assert all(torch.equal(a, b) for a, b in zip(vae.parameters(), vae2.parameters(), strict=True))
-    assert info2["init"] == str(out) and info2["two_tone"] == 0.5
+    assert info2["init"] == str(out) and info2["two_tone"] == 0.5 and info2["wide"] == 0.0
+
+    # wide canvases: their share of the steps, and two objects read back on a 64x32 canvas
+    wide = tmp_path / "wide.safetensors"
+    args = ["--out", str(wide), "--init", str(out), "--images", "64", "--vae-steps", "0",
+            "--steps", "2", "--batch", "8", "--eval-prompts", "4", "--wide", "0.5",
+            "--wide-images", "16", "--wide-parts", "2"]  # fmt: skip
+    assert main(args) == 0
+    info3 = json.loads((tmp_path / "wide.json").read_text())
+    assert info3["wide"] == 0.5 and info3["wide_parts"] == [2] and info3["wide_images"] == 16
+    assert info3["wide_adherence"]["n"] == 2 and (tmp_path / "wide.wide.png").is_file()
 
 
 def test_two_tone_objects_are_drawn_as_captioned_and_never_in_a_concepts_colours():

@@ -31,6 +31,9 @@ import logging
 import math
 import random
 import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +90,37 @@ def make_dataset(n: int, seed: int, two_object_fraction: float = 0.25, two_tone:
     ]
     images = np.stack([np.asarray(world.render_scene(s)) for s in scenes]).transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(images)), scenes
+
+
+def make_wide_dataset(n: int, seed: int, parts: int, two_tone: float = 0.0):
+    """``n`` wide images (uint8 [n, 3, 32, 32 * parts]) and their scenes: mostly one object
+    per part, a third of them with fewer objects (``world.random_wide_scene``)."""
+    rng = random.Random(f"wide:{parts}:{seed}")
+    held = world.held_out_triples()
+    scenes = [
+        world.random_wide_scene(
+            rng,
+            parts,
+            n_objects=parts if rng.random() < 2 / 3 else rng.randint(1, parts - 1),
+            exclude=held,
+            two_tone=two_tone,
+        )
+        for _ in range(n)
+    ]
+    width = world.SIZE * parts
+    images = np.stack([np.asarray(world.render_scene(s, width=width)) for s in scenes])
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), scenes
+
+
+@dataclass
+class Pool:
+    """Training latents of one canvas shape, their captions and the batch size for them."""
+
+    means: torch.Tensor
+    stds: torch.Tensor
+    scenes: list
+    batch: int
+    name: str = "square"
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -155,16 +189,18 @@ def train_denoiser(
     unet,
     text_encoder,
     tokenizer,
-    means,
-    stds,
-    captions_of,
-    steps,
-    batch,
-    lr,
-    gen,
-    ema_decay,
+    pools: Sequence[Pool],
+    captions_of: Callable[[Pool, list[int]], list[str]],
+    steps: int,
+    lr: float,
+    gen: torch.Generator,
+    ema_decay: float,
     min_snr: float = 5.0,
+    wide_fraction: float = 0.0,
+    seed: int = 0,
 ):
+    """Train on ``pools[0]`` (square canvases); with ``wide_fraction`` > 0 that fraction of
+    the steps takes its batch from one of the other pools (wide canvases), in turn."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(TOY_SCHEDULER_CONFIG)
@@ -180,7 +216,14 @@ def train_denoiser(
     weights = min_snr_weights(sched, min_snr).to(unet.device)
     losses = []
     bar = tqdm(range(steps), desc="unet+text", mininterval=10)
+    schedule = random.Random(f"pools:{seed}")
+    wide_steps = 0
     for step in bar:
+        pool = pools[0]
+        if wide_fraction > 0 and schedule.random() < wide_fraction:
+            pool = pools[1 + wide_steps % (len(pools) - 1)]
+            wide_steps += 1
+        means, stds, batch = pool.means, pool.stds, pool.batch
         idx = torch.randint(0, len(means), (batch,), generator=gen)
         device = unet.device
         z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)  # scaled
@@ -188,7 +231,7 @@ def train_denoiser(
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         noisy = sched.add_noise(z, noise, t).to(device)
         noise, t = noise.to(device), t.to(device)
-        ids = tokenize(tokenizer, captions_of(idx.tolist(), step)).to(device)
+        ids = tokenize(tokenizer, captions_of(pool, idx.tolist())).to(device)
         context = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         target = denoising_target(sched, z.to(device), noise, t)
@@ -249,6 +292,40 @@ def adherence(
     return {k: v / len(triples) for k, v in hits.items()} | {"n": len(triples), "images": images}
 
 
+@torch.no_grad()
+def wide_adherence(
+    base: BaseModel, n: int = 48, steps: int = 25, guidance: float = 4.0, seed: int = 0
+) -> dict:
+    """Sample "a <left object> and a <right object> on a <bg> background" on a 64x32 canvas
+    (plain prompts, no regions) and read back each half: how often colour and shape of both
+    objects match, in either order, and how often the background does."""
+    from mos.common.pipeline import MixOfShowPipeline
+
+    pipe = MixOfShowPipeline(base)
+    rng = random.Random(f"wide-eval:{seed}")
+    scenes = [world.random_wide_scene(rng, 2) for _ in range(n)]
+    gen = torch.Generator().manual_seed(seed)
+    hits = {"objects": 0, "background": 0}
+    images = []
+    for i in range(0, n, 16):
+        chunk = scenes[i : i + 16]
+        out = pipe(
+            [sc.caption for sc in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            width=2 * world.SIZE,
+            height=world.SIZE,
+        )
+        for sc, img in zip(chunk, out, strict=True):
+            halves = [analyse(img.crop((x, 0, x + world.SIZE, world.SIZE))) for x in (0, 32)]
+            want = Counter((t.colour, t.shape) for t in sc.things)
+            hits["objects"] += Counter((h.colour, h.shape) for h in halves) == want
+            hits["background"] += all(h.background == sc.background for h in halves)
+            images.append(img)
+    return {k: v / n for k, v in hits.items()} | {"n": n, "images": images}
+
+
 def sample_grid(images: list, cols: int = 16):
     """The samples in rows of ``cols``."""
     return image_grid([images[i : i + cols] for i in range(0, len(images), cols)], min_cell=96)
@@ -267,6 +344,19 @@ def main(argv: list[str] | None = None) -> int:
         default=0.3,
         help="fraction of two-tone single objects (world.PATTERNS)",
     )
+    p.add_argument(
+        "--wide",
+        type=float,
+        default=0.0,
+        help="fraction of the UNet steps on wide canvases, one object per square part",
+    )
+    p.add_argument(
+        "--wide-parts",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=(2, 3),
+        help="canvas widths in squares, comma-separated (default 2,3)",
+    )
+    p.add_argument("--wide-images", type=int, default=12000, help="images per wide canvas")
     p.add_argument(
         "--init",
         type=Path,
@@ -319,33 +409,47 @@ def main(argv: list[str] | None = None) -> int:
         np.mean(vae_losses[-50:]) if vae_losses else float("nan"),
         scaling,
     )
-    means, stds = means * scaling, stds * scaling
+    pools = [Pool(means * scaling, stds * scaling, scenes, args.batch)]
+    if args.wide > 0:
+        for parts in args.wide_parts:
+            log.info("drawing and encoding %d canvases %d squares wide", args.wide_images, parts)
+            wide, wide_scenes = make_wide_dataset(
+                args.wide_images, args.seed, parts, two_tone=args.two_tone
+            )
+            m, sd = encode_latents(vae, wide)
+            batch = max(1, round(args.batch / parts))  # about the same pixels per step
+            pools.append(Pool(m * scaling, sd * scaling, wide_scenes, batch, f"{parts} wide"))
 
     cap_rng = random.Random(args.seed + 1)
 
-    def captions_of(idx: list[int], step: int) -> list[str]:
-        return ["" if cap_rng.random() < 0.1 else caption_variants(scenes[i], cap_rng) for i in idx]
+    def captions_of(pool: Pool, idx: list[int]) -> list[str]:
+        return [
+            "" if cap_rng.random() < 0.1 else caption_variants(pool.scenes[i], cap_rng) for i in idx
+        ]
 
     t0 = time.time()
     ema_unet, ema_text, unet_losses = train_denoiser(
         unet,
         text_encoder,
         tokenizer,
-        means,
-        stds,
+        pools,
         captions_of,
         args.steps,
-        args.batch,
         args.lr,
         gen,
         args.ema,
         args.min_snr,
+        wide_fraction=args.wide,
+        seed=args.seed,
     )
     unet_s = time.time() - t0
     info = {
         "seed": args.seed,
         "images": args.images,
         "two_tone": args.two_tone,
+        "wide": args.wide,
+        "wide_parts": list(args.wide_parts) if args.wide > 0 else [],
+        "wide_images": args.wide_images if args.wide > 0 else 0,
         "init": str(args.init) if args.init else None,
         "vae_steps": args.vae_steps,
         "steps": args.steps,
@@ -375,9 +479,15 @@ def main(argv: list[str] | None = None) -> int:
     info["held_out_adherence"] = {
         k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()
     }
+    wide_result = wide_adherence(base, n=args.eval_prompts // 2)
+    sample_grid(wide_result.pop("images"), cols=8).save(args.out.with_suffix(".wide.png"))
+    info["wide_adherence"] = {
+        k: round(v, 3) if isinstance(v, float) else v for k, v in wide_result.items()
+    }
     info["total_seconds"] = round(time.time() - t_start)
     args.out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     log.info("held-out prompts: %s", info["held_out_adherence"])
+    log.info("two objects on a 64x32 canvas: %s", info["wide_adherence"])
     return 0
 
 
