@@ -136,6 +136,34 @@ def test_detector_boxes_tell_left_from_right():
     assert det.score(img, (0.5, 0.0, 1.0, 1.0)) < 0.1
 
 
+def test_placement_finds_each_concept_in_its_own_box_and_nowhere_else():
+    """``evaluate.placement`` on a stand-in pipeline that draws the sprites itself."""
+    from mos.toyworld.evaluate import placement
+
+    def stand_in(order):
+        def pipe(prompts, width, height, **_):
+            out = []
+            for _ in prompts:
+                img = Image.new("RGB", (width, height), world.PALETTE["green"])
+                for i, name in enumerate(order):
+                    world.CONCEPTS[name].draw(ImageDraw.Draw(img), 32 * i + 16, 16, 9)
+                out.append(img)
+            return out
+
+        return pipe
+
+    right = placement(stand_in(["checker", "ring"]), ["checker", "ring"], n=2)
+    assert right.all_placed == 1.0 and right.in_own_box == [1.0, 1.0]
+    assert right.own_beats_other == 1.0 and right.images[0].size == (64, 32)
+    swapped = placement(stand_in(["ring", "checker"]), ["checker", "ring"], n=2)
+    assert swapped.all_placed == 0.0 and swapped.in_own_box == [0.0, 0.0]
+    assert swapped.own_beats_other == 0.0
+    twice = placement(stand_in(["ring", "ring"]), ["checker", "ring"], n=2)
+    assert twice.in_own_box == [0.0, 1.0] and twice.all_placed == 0.0  # also in the other box
+    alone = placement(stand_in(["ring"]), ["ring"], n=1)  # one concept: one box, no other
+    assert alone.all_placed == 1.0 and alone.own_beats_other == 1.0
+
+
 def test_the_toy_base_loads_offline_and_follows_prompts():
     from mos.common.base import load_base_model
     from mos.common.pipeline import MixOfShowPipeline

@@ -236,7 +236,7 @@ def placement(
             others = [s for j, s in enumerate(scores) if j != i]
             own[i] += here
             ok_all &= here and not any(s >= DETECTED for s in others)
-            beats += scores[i] > max(others)
+            beats += not others or scores[i] > max(others)
         every += ok_all
     pairs = len(images) * len(names)
     return Placement(list(names), boxes, [o / n for o in own], every / n, beats / pairs, images)
