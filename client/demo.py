@@ -1,18 +1,20 @@
-"""``mos-demo``: the README's main command, end to end on the built-in tiny model.
+"""``mos-demo``: the README's main command, end to end on the built-in toy model.
 
-It draws a few "photos" of three made-up concepts (a smiling face with a red hat, a blue
-ring, a green star), one folder per client, and runs the federation on them with Flower's
-simulation engine (``mos-simulate``): each virtual client tunes its concept with ED-LoRA and
-uploads only its package; the server fuses them and sends the fused model back. In
-``--out``: ``server/`` (registry, ``models/v1`` with the fused model and its fidelity report)
-and ``clients/<name>/`` (each client's package and its copy of the fused model).
+It draws eight "photos" of each of three toy concepts (a red-and-white checker square, a
+blue ring with a yellow centre, a white cross on red), one folder per client, and runs the
+federation on them with Flower's simulation engine (``mos-simulate``): each virtual client
+tunes its concept with ED-LoRA and uploads only its package; the server fuses them and
+sends the fused model back. It ends by composing the concepts side by side with regional
+sampling (``composed.png``), checked with the toy world's detector. In ``--out``:
+``server/`` (registry, ``models/v1`` with the fused model and its fidelity report),
+``clients/<name>/`` (each client's package and its copy of the fused model) and
+``composed.png``.
 
-``--base-model toy`` runs it on the toy world's trained model instead (three toy concepts)
-and ends by composing them side by side with regional sampling (``composed.png``), checked
-with the toy world's detector. The toy model follows prompts (91% of held-out prompts) and
-its concepts come out in their colours with much of their layout, but regional sampling
-does not yet put them in their boxes (benchmarks/RESULTS.md, toy world), so ``tiny`` stays
-the default.
+The toy model follows prompts (91% of held-out prompts) and its concepts come out in their
+colours with much of their layout, but regional sampling does not yet put them in their
+boxes at the detector's threshold (benchmarks/RESULTS.md, toy world); the demo says so.
+``--base-model tiny`` runs it on the random-weight tiny model instead (three made-up
+concepts; every code path in seconds, samples are noise).
 """
 
 from __future__ import annotations
@@ -157,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=3, choices=(1, 2, 3))
     p.add_argument(
         "--base-model",
-        default="tiny",
-        choices=("tiny", "toy"),
-        help="tiny (random weights, the default) or toy (the trained toy world, once its "
-        "weights are built: python -m mos.toyworld.train)",
+        default="toy",
+        choices=("toy", "tiny"),
+        help="toy (the trained toy world, the default) or tiny (random weights: every code "
+        "path, noise for samples)",
     )
     args = p.parse_args(argv)
     toy = args.base_model == "toy"

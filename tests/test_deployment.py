@@ -18,8 +18,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from mos.client.demo import DEMO_CONCEPTS, write_demo_photos
+from mos.client.demo import DEMO_CONCEPTS, TOY_DEMO_CONCEPTS, write_demo_photos
 from mos.common.fused import FusedModel
 from mos.common.processes import Managed, free_port
 
@@ -247,14 +248,19 @@ def test_the_readme_demo_runs_the_simulation_end_to_end(tmp_path):
     finally:
         proc.stop()
     result = json.loads((out / "server/result.json").read_text())
-    names = sorted(n for n, _, _ in DEMO_CONCEPTS)
+    names = sorted(TOY_DEMO_CONCEPTS)  # the default base is the toy world's
     assert sorted(result["concepts"]) == names
     report = (out / "server/models/v1/fusion_report.md").read_text()
     assert all(f"<{n}>" in report for n in names)
     for name in names:
         info = json.loads((out / "clients" / name / "latest.json").read_text())
         assert sorted(info["concepts"]) == [f"<{n}>" for n in names]
-    assert "SuperLink" in (tmp_path / "log").read_text()
+    log = (tmp_path / "log").read_text()
+    assert "SuperLink" in log
+    # it ends with the concepts composed side by side and the detector's verdict
+    with Image.open(out / "composed.png") as composed:
+        assert composed.width > composed.height
+    assert all(f"<{n}> found in its own box" in log for n in names)
 
 
 def test_the_app_bundle_carries_no_weights_images_or_code(tmp_path):
