@@ -177,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
 
     placement: dict = {}
     grids = []
+
+    def record(key: str, pl: ev.Placement) -> None:
+        placement[key] = {
+            "all_placed": pl.all_placed,
+            "in_own_box": pl.in_own_box,
+            "own_beats_other": pl.own_beats_other,
+        }
+        grids.append((key, pl.images))
+        log.info("%s: all placed %.2f", key, pl.all_placed)
+
     if fused8 is not None:
         pipe = ev.fused_pipeline(fused8)
         groups = [names[i : i + 2] for i in range(0, min(len(names), max(fuse_n)) - 1, 2)]
@@ -184,14 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in groups:
             for regional in (True, False):
                 pl = ev.placement(pipe, group, args.placement_seeds, seed=3, regional=regional)
-                key = f"{'+'.join(group)}/{'regional' if regional else 'plain'}"
-                placement[key] = {
-                    "all_placed": pl.all_placed,
-                    "in_own_box": pl.in_own_box,
-                    "own_beats_other": pl.own_beats_other,
-                }
-                grids.append((key, pl.images))
-                log.info("%s: all placed %.2f", key, pl.all_placed)
+                record(f"{'+'.join(group)}/{'regional' if regional else 'plain'}", pl)
         if not args.no_annotated:
             placed = sorted({k for g in groups for k in g}, key=names.index)
             log.info("tuning %s on captioned and masked photos", ", ".join(placed))
@@ -201,14 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe = ev.fused_pipeline(FusedModel.from_packages(res.strategy, res.factors, pkgs))
             for group in groups:
                 pl = ev.placement(pipe, group, args.placement_seeds, seed=3)
-                key = f"{'+'.join(group)}/annotated"
-                placement[key] = {
-                    "all_placed": pl.all_placed,
-                    "in_own_box": pl.in_own_box,
-                    "own_beats_other": pl.own_beats_other,
-                }
-                grids.append((key, pl.images))
-                log.info("%s: all placed %.2f", key, pl.all_placed)
+                record(f"{'+'.join(group)}/annotated", pl)
     result["placement"] = placement
     result["seconds"] = round(time.time() - t0)
 
