@@ -3,7 +3,8 @@
 Base-world images (32x32 px) show one or two filled shapes (circle, square, triangle) in
 one of eight colours on a background of another, captioned "a red circle on a blue
 background" or "a red circle and a blue square on a green background"; some single objects
-are two-tone ("a red and white checker square", ``PATTERNS``). Personal concepts
+are two-tone ("a red and white checker square", ``PATTERNS``); wide scenes (64x32, 96x32)
+put one full-size object in each 32x32 part (``random_wide_scene``). Personal concepts
 are multi-coloured sprites the base model never sees (a red-and-white checker square, a
 blue ring with a yellow centre, ...); each has a generator of "photos" (position, scale
 and background vary). Everything is drawn at 4x and box-filtered down, so edges are
@@ -196,10 +197,10 @@ def random_wide_scene(
 ) -> Scene:
     """A scene on a canvas ``parts`` squares wide (``parts * SIZE`` x ``SIZE`` px), its
     objects at full single-object scale, each in its own square part (``n_objects``, default
-    ``parts``, of them, in random parts, named left to right or right to left). Regional
-    sampling draws one concept per part of such a canvas; a base that has seen them draws
-    each at the size and fidelity it has in a square image. Two-tone objects as in
-    ``random_scene``; a lone object avoids the (colour, shape, background) in ``exclude``."""
+    ``parts``, of them, in random parts, named left to right or right to left): the layout
+    regional sampling asks for, one concept per part (``train.py --wide``). Two-tone objects
+    as in ``random_scene``; a lone object avoids the (colour, shape, background) in
+    ``exclude``."""
     n_objects = parts if n_objects is None else n_objects
     if not 1 <= n_objects <= parts:
         raise ValueError(f"{n_objects} objects do not fit one per part in {parts} parts")
