@@ -381,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if not 0.0 <= args.wide <= 1.0:
+        p.error(f"--wide is a fraction of the steps, in [0, 1]; got {args.wide}")
+    if args.wide > 0 and (not args.wide_parts or min(args.wide_parts) < 2):
+        p.error(f"--wide-parts are canvas widths of 2 or more squares; got {args.wide_parts}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
