@@ -14,7 +14,11 @@ of the image (all values <= 1) or in pixels. The PNG carries the scene (JSON) in
 T2I-Adapters guide the layout with a keypose or sketch: ``--adapter DIR_OR_HUB_ID
 --adapter-image pose.png [--adapter-weight 1.0]``, or in a scene several adapters
 (``adapters: [{name, model, image, weight}]``) and per-region weights
-(``regions: [{..., adapter_weights: {keypose: 0.0}}]``) that scale an adapter inside a box.
+(``regions: [{..., adapter_weights: {keypose: 0.0}}]``) that scale an adapter inside a box;
+``--adapter-steps F`` keeps the guidance to the first fraction F of the steps.
+``--native-views`` denoises a canvas wider or taller than the base's own resolution in
+overlapping windows of that resolution, each with the regions inside it (MultiDiffusion):
+on the toy base, which draws one object per canvas, it is what puts concepts in their boxes.
 """
 
 from __future__ import annotations
@@ -77,6 +81,12 @@ class Scene(_Model):
     guidance: float = Field(7.5, ge=0)
     width: int | None = Field(None, ge=8, le=4096)
     height: int | None = Field(None, ge=8, le=4096)
+    native_views: bool = Field(
+        False, description="denoise a canvas larger than the base's own in windows of its size"
+    )
+    adapter_steps: float = Field(
+        1.0, ge=0, le=1, description="fraction of the steps (the first ones) with adapter guidance"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -189,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a T2I-Adapter folder or hub id (keypose, sketch)")
     p.add_argument("--adapter-image", type=Path, help="the adapter's condition image")
     p.add_argument("--adapter-weight", type=float, default=1.0, help="its global weight (1.0)")
+    p.add_argument(
+        "--adapter-steps",
+        type=float,
+        help="fraction of the steps, the first ones, with adapter guidance (1.0)",
+    )
+    p.add_argument(
+        "--native-views",
+        action="store_true",
+        default=None,
+        help="denoise a canvas larger than the base's own resolution in overlapping windows "
+        "of that size (MultiDiffusion): for bases that draw one object per canvas",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
@@ -220,7 +242,7 @@ def scene_from_args(args: argparse.Namespace) -> Scene:
                 "weight": args.adapter_weight,
             }
         ]
-    for key in ("seed", "steps", "guidance", "width", "height"):
+    for key in ("seed", "steps", "guidance", "width", "height", "native_views", "adapter_steps"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     if "prompt" not in data:
@@ -283,6 +305,8 @@ def run(args: argparse.Namespace) -> Path:
             generator=gen,
             regions=regions,
             adapters=adapters,
+            adapter_conditioning_factor=scene.adapter_steps,
+            native_views=scene.native_views,
             progress=True,
         )
     out = (

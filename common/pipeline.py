@@ -24,7 +24,7 @@ from .base import BaseModel
 from .concepts import ConceptTable, encode_prompts
 from .lora import lora_layers
 from .package import ConceptPackage, attach_package
-from .regions import Region, latent_sizes, region_masks
+from .regions import Region, crop_view, latent_sizes, region_masks, view_windows
 
 
 class MixOfShowPipeline:
@@ -79,6 +79,37 @@ class MixOfShowPipeline:
         reg = reg.permute(1, 0, 2, 3).flatten(1, 2)  # [L, R*T, D]
         return torch.cat([cond, reg.unsqueeze(0).expand(len(prompts), -1, -1, -1)], dim=2)
 
+    def _views(self, model_in, t, context, extra, views, view_regions) -> torch.Tensor:
+        """The UNet's prediction for a large latent, averaged over its windows (each with
+        the regions inside it: the global prompt's tokens, then those regions')."""
+        b = self.base
+        tokens = b.tokenizer.model_max_length
+        full = tuple(model_in.shape[-2:])
+        pred = torch.zeros_like(model_in)
+        count = torch.zeros_like(model_in[:1, :1])
+        residuals = extra.get("down_intrablock_additional_residuals")
+        for view, (inside, masks) in zip(views, view_regions, strict=True):
+            keep = [context[:, :, :tokens]]
+            keep += [context[:, :, (1 + r) * tokens : (2 + r) * tokens] for r in inside]
+            ctx = torch.cat(keep, dim=2)
+            attention = (
+                regional_cross_attention(b.unet, masks, tokens)
+                if inside
+                else layerwise_cross_attention(b.unet)
+            )
+            kwargs = {}
+            if residuals is not None:
+                kwargs["down_intrablock_additional_residuals"] = [
+                    crop_view(f, view, full) for f in residuals
+                ]
+            with attention:
+                out = b.unet(
+                    crop_view(model_in, view, full), t, encoder_hidden_states=ctx, **kwargs
+                ).sample
+            crop_view(pred, view, full).add_(out)
+            crop_view(count, view, full).add_(1)
+        return pred / count
+
     @torch.no_grad()
     def __call__(
         self,
@@ -97,10 +128,18 @@ class MixOfShowPipeline:
         progress: bool = False,
         regions: Sequence[Region] = (),
         adapters: Sequence[AdapterCondition] = (),
+        adapter_conditioning_factor: float = 1.0,
+        native_views: bool = False,
     ) -> list[Image.Image] | torch.Tensor:
         """Sample; with ``regions`` each region's prompt is drawn in its box (METHOD.md
         section 3), the global prompt everywhere else. ``adapters`` add T2I-Adapter
-        guidance (keypose, sketch) with a global weight and optional per-region weights."""
+        guidance (keypose, sketch) with a global weight and optional per-region weights, in
+        the first ``adapter_conditioning_factor`` of the steps (as diffusers' adapter
+        pipelines: the layout is set early, the later steps draw the details freely).
+        ``native_views`` denoises a canvas larger than the base's own resolution in
+        overlapping windows of that resolution, averaging their predictions (MultiDiffusion,
+        as diffusers' panorama pipeline): each window sees the canvas size the base was
+        trained on, with the regions (and adapter features) that fall inside it."""
         b = self.base
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -119,20 +158,40 @@ class MixOfShowPipeline:
             raise ValueError(f"height and width must be multiples of {factor}")
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
+        if not 0.0 <= adapter_conditioning_factor <= 1.0:
+            raise ValueError(
+                "adapter_conditioning_factor is the fraction of the steps with adapter "
+                f"guidance, in [0, 1]; got {adapter_conditioning_factor}"
+            )
         device = b.device
         dtype = b.unet.dtype
 
         regions = list(regions)
         lh, lw = height // factor, width // factor
+        levels = len(b.unet.config.block_out_channels)
+        sizes = latent_sizes(lh, lw, levels)
+        full_masks = [region_masks([r.box for r in regions], h, w) for h, w in sizes]
         if regions:
-            levels = len(b.unet.config.block_out_channels)
-            masks = {
-                h * w: region_masks([r.box for r in regions], h, w)
-                for h, w in latent_sizes(lh, lw, levels)
-            }
+            masks = {h * w: m for (h, w), m in zip(sizes, full_masks, strict=True)}
             attention = regional_cross_attention(b.unet, masks, b.tokenizer.model_max_length)
         else:
             attention = layerwise_cross_attention(b.unet)
+        native = b.default_resolution // factor
+        views = (
+            view_windows(lh, lw, native, native // 2, align=2 ** (levels - 1))
+            if native_views
+            else [(0, 0, lh, lw)]
+        )
+        view_regions = []  # per view: the regions inside it and their masks there
+        for view in views:
+            crops = [
+                crop_view(m.view(-1, h, w), view, (lh, lw))
+                for (h, w), m in zip(sizes, full_masks, strict=True)
+            ]
+            inside = [r for r in range(len(regions)) if crops[0][r].any()]
+            view_regions.append(
+                (inside, {c.shape[-2] * c.shape[-1]: c[inside].flatten(1) for c in crops})
+            )
 
         for cond in adapters:
             check_adapter_fits(cond.adapter, b.unet, factor)
@@ -162,16 +221,20 @@ class MixOfShowPipeline:
             scheduler = self.scheduler
             scheduler.set_timesteps(num_inference_steps, device=device)
             latents = latents * scheduler.init_noise_sigma
-            for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling"):
+            guided = int(round(adapter_conditioning_factor * len(scheduler.timesteps)))
+            for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling")):
                 model_in = torch.cat([latents] * 2) if do_cfg else latents
                 model_in = scheduler.scale_model_input(model_in, t)
                 extra = {}
-                if features:  # the UNet pops from this list: a fresh one every step
+                if features and i < guided:  # the UNet pops from the list: a fresh one each step
                     n = model_in.shape[0]
                     extra["down_intrablock_additional_residuals"] = [
                         f.expand(n, -1, -1, -1) for f in features
                     ]
-                eps = b.unet(model_in, t, encoder_hidden_states=context, **extra).sample
+                if len(views) == 1:
+                    eps = b.unet(model_in, t, encoder_hidden_states=context, **extra).sample
+                else:
+                    eps = self._views(model_in, t, context, extra, views, view_regions)
                 if do_cfg:
                     eps_u, eps_c = eps.chunk(2)
                     eps = eps_u + guidance_scale * (eps_c - eps_u)

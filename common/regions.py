@@ -97,3 +97,42 @@ def latent_sizes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
         h, w = sizes[-1]
         sizes.append(((h + 1) // 2, (w + 1) // 2))
     return sizes
+
+
+def view_windows(
+    height: int, width: int, size: int, stride: int, align: int = 1
+) -> list[tuple[int, int, int, int]]:
+    """``(y0, x0, h, w)`` windows of at most ``size`` x ``size`` latent cells, ``stride``
+    apart, covering a ``height`` x ``width`` latent (the last one in each direction flush
+    with the edge), as MultiDiffusion denoises a canvas wider than the model's own.
+    Corners must fall on multiples of ``align`` (the UNet's total downsampling), so that
+    every level's features crop exactly."""
+    if size < 1 or stride < 1 or stride > size:
+        raise ValueError(f"views need 1 <= stride <= size; got size {size}, stride {stride}")
+
+    def starts(extent: int) -> list[int]:
+        if extent <= size:
+            return [0]
+        out = list(range(0, extent - size + 1, stride))
+        if out[-1] != extent - size:
+            out.append(extent - size)
+        return out
+
+    views = [
+        (y, x, min(size, height), min(size, width)) for y in starts(height) for x in starts(width)
+    ]
+    bad = [v for v in views if v[0] % align or v[1] % align]
+    if bad:
+        raise ValueError(
+            f"view corners {[(y, x) for y, x, _, _ in bad]} are not multiples of {align}: "
+            f"a {height}x{width} latent cannot be tiled by {size}-cell views {stride} apart"
+        )
+    return views
+
+
+def crop_view(t: torch.Tensor, view: tuple[int, int, int, int], full: tuple[int, int]):
+    """The part of ``t`` (``[..., H, W]``, a level of a ``full``-sized latent, H and W
+    ``full`` divided by a power of two) under latent window ``view``."""
+    y0, x0, h, w = view
+    s = full[0] // t.shape[-2]
+    return t[..., y0 // s : (y0 + h) // s, x0 // s : (x0 + w) // s]

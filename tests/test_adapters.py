@@ -108,10 +108,10 @@ def test_features_are_scaled_only_inside_a_regions_box():
     torch.testing.assert_close(two[0], feats[0] + 0.5 * raw[0])
 
 
-def _sample(pipe, adapters=(), regions=()):
+def _sample(pipe, adapters=(), regions=(), steps=3, **kw):
     gen = torch.Generator().manual_seed(0)
-    return pipe("a photo of a dog", num_inference_steps=3, guidance_scale=3.0, generator=gen,
-                output_type="latent", adapters=adapters, regions=regions)  # fmt: skip
+    return pipe("a photo of a dog", num_inference_steps=steps, guidance_scale=3.0, generator=gen,
+                output_type="latent", adapters=adapters, regions=regions, **kw)  # fmt: skip
 
 
 def test_adapter_weight_zero_equals_no_adapter_and_weight_one_changes_the_image():
@@ -126,6 +126,33 @@ def test_adapter_weight_zero_equals_no_adapter_and_weight_one_changes_the_image(
     region = [Region("a photo of a cat", (0.0, 0.0, 1.0, 1.0))]
     off = _sample(pipe, [AdapterCondition(adapter, pose_image(), 1.0, (0.0,))], region)
     assert torch.equal(off, _sample(pipe, (), region))
+
+
+def test_adapter_steps_guide_only_the_first_steps():
+    pipe = MixOfShowPipeline(build_tiny())
+    cond = [AdapterCondition(tiny_adapter(), pose_image())]
+    plain, full = _sample(pipe, steps=4), _sample(pipe, cond, steps=4)
+    assert torch.equal(_sample(pipe, cond, steps=4, adapter_conditioning_factor=0.0), plain)
+    assert torch.equal(_sample(pipe, cond, steps=4, adapter_conditioning_factor=1.0), full)
+    # guided in the first 2 of 4 steps: the same latents as a run that stops the adapter
+    # there by hand, and neither the unguided nor the fully guided result
+    half = _sample(pipe, cond, steps=4, adapter_conditioning_factor=0.5)
+    calls = []
+    unet_forward = pipe.base.unet.forward
+
+    def counting(*args, **kwargs):
+        calls.append("down_intrablock_additional_residuals" in kwargs)
+        return unet_forward(*args, **kwargs)
+
+    pipe.base.unet.forward = counting
+    try:
+        _sample(pipe, cond, steps=4, adapter_conditioning_factor=0.5)
+    finally:
+        pipe.base.unet.forward = unet_forward
+    assert calls == [True, True, False, False]
+    assert not torch.equal(half, plain) and not torch.equal(half, full)
+    with pytest.raises(ValueError, match="adapter_conditioning_factor"):
+        _sample(pipe, cond, adapter_conditioning_factor=1.5)
 
 
 def test_adapters_for_another_unet_are_refused():

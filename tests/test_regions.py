@@ -21,8 +21,10 @@ from mos.common.regions import (
     box_from_pixels,
     box_mask,
     combine,
+    crop_view,
     latent_sizes,
     region_masks,
+    view_windows,
 )
 
 
@@ -131,6 +133,84 @@ def test_a_region_changes_its_box_more_than_the_rest():
     assert diff[:, :half].mean() > 1.5 * diff[:, half:].mean()
 
 
+@pytest.mark.parametrize("h,w,size,stride", [(16, 32, 16, 8), (16, 48, 16, 8), (8, 20, 8, 4),
+                                              (16, 16, 16, 8), (24, 40, 16, 8)])  # fmt: skip
+def test_view_windows_tile_the_latent_flush_with_its_edges(h, w, size, stride):
+    views = view_windows(h, w, size, stride, align=4)
+    covered = torch.zeros(h, w, dtype=torch.int64)
+    for y0, x0, vh, vw in views:
+        assert (vh, vw) == (min(size, h), min(size, w))
+        assert 0 <= y0 <= h - vh and 0 <= x0 <= w - vw and y0 % 4 == 0 and x0 % 4 == 0
+        covered[y0 : y0 + vh, x0 : x0 + vw] += 1
+    assert covered.min() >= 1  # every cell is denoised by some window
+    xs = sorted({x for _, x, _, _ in views})
+    assert xs[0] == 0 and xs[-1] == max(0, w - size)  # the last one flush with the edge
+    assert all(b - a <= stride for a, b in zip(xs, xs[1:], strict=False))
+    if h <= size and w <= size:
+        assert views == [(0, 0, h, w)]
+    with pytest.raises(ValueError, match="not multiples of 8"):
+        view_windows(16, 36, 16, 8, align=8)
+    with pytest.raises(ValueError, match="stride"):
+        view_windows(h, w, size, size + 1)
+
+
+def test_crop_view_takes_the_same_window_at_every_level():
+    full = torch.arange(16 * 32).view(1, 1, 16, 32)
+    half = full[..., ::2, ::2]
+    view = (0, 8, 16, 16)
+    assert torch.equal(crop_view(full, view, (16, 32)), full[..., :, 8:24])
+    assert torch.equal(crop_view(half, view, (16, 32)), half[..., :, 4:12])
+    # a region mask cropped to a window is the mask of the box in the window's coordinates
+    box = (0.3, 0.1, 0.7, 0.9)
+    cropped = crop_view(box_mask(box, 16, 32), view, (16, 32))
+    moved = ((0.3 * 32 - 8) / 16, 0.1, (0.7 * 32 - 8) / 16, 0.9)
+    assert torch.equal(cropped, box_mask(moved, 16, 16))
+
+
+def test_native_views_average_the_unet_over_windows_with_their_regions():
+    base = build_tiny()
+    pipe = MixOfShowPipeline(base)
+    native = base.default_resolution
+    # a canvas of the base's own size is one window: exactly the plain sampler
+    plain = sample(pipe, "a photo of a dog")
+    views = pipe("a photo of a dog", num_inference_steps=3, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), native_views=True)  # fmt: skip
+    assert torch.equal(views, plain)
+    # one step on a canvas two windows wide, against the windows run by hand
+    regions = [
+        Region("a red cat", (0.0, 0.0, 0.4, 1.0)),
+        Region("a blue car", (0.6, 0.0, 1.0, 1.0)),
+    ]
+    width = 2 * native
+    lat = torch.randn(1, 4, native // 2, native, generator=torch.Generator().manual_seed(1))
+
+    def one_step(**kw):
+        return pipe("a photo", num_inference_steps=1, guidance_scale=1.0, width=width,
+                    height=native, latents=lat.clone(), regions=regions, output_type="latent",
+                    **kw)  # fmt: skip
+
+    got = one_step(native_views=True)
+    size = native // 2
+    pred = torch.zeros_like(lat)
+    count = torch.zeros_like(lat)
+    for x0 in view_windows(size, 2 * size, size, size // 2, align=4):
+        x0 = x0[1]
+        inside = [
+            r for r in regions if r.box[0] * 2 * size < x0 + size and r.box[2] * 2 * size > x0
+        ]
+        moved = [Region(r.prompt, (max(0.0, (r.box[0] * 2 * size - x0) / size), r.box[1],
+                                   min(1.0, (r.box[2] * 2 * size - x0) / size), r.box[3]))
+                 for r in inside]  # fmt: skip
+        window = pipe("a photo", num_inference_steps=1, guidance_scale=1.0, width=native,
+                      height=native, latents=lat[..., x0 : x0 + size].clone(), regions=moved,
+                      output_type="latent")  # fmt: skip
+        # the scheduler's one step is linear in the prediction: recover it from the result
+        pred[..., x0 : x0 + size] += window
+        count[..., x0 : x0 + size] += 1
+    torch.testing.assert_close(got, pred / count, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, one_step(), atol=1e-4)  # not the whole-canvas sampler
+
+
 @pytest.fixture
 def compact_model(tmp_path):
     return _compact_model(tmp_path)
@@ -169,6 +249,29 @@ def test_mos_sample_writes_the_scene_into_the_png_and_reproduces_it(tmp_path, co
     assert Image.open(grid).size[0] > 2 * Image.open(out).size[0]
 
 
+def test_mos_sample_native_views_are_kept_in_the_scene_and_change_a_wide_image(
+    tmp_path, compact_model
+):
+    from PIL import Image
+
+    from mos.client.sample import SCENE_KEY, main
+
+    args = ["--model", str(compact_model), "--prompt", "a <dog1> and a <cat2>", "--steps", "3",
+            "--width", "64", "--height", "32", "--region", "a <dog1>@0,0,0.5,1",
+            "--region", "a <cat2>@0.5,0,1,1"]  # fmt: skip
+    whole, views = tmp_path / "whole.png", tmp_path / "views.png"
+    assert main([*args, "--out", str(whole)]) == 0
+    assert main([*args, "--native-views", "--out", str(views)]) == 0
+    scene = json.loads(Image.open(views).text[SCENE_KEY])
+    assert scene["native_views"] is True and scene["adapter_steps"] == 1.0
+    assert json.loads(Image.open(whole).text[SCENE_KEY])["native_views"] is False
+    assert Image.open(views).size == (64, 32)
+    assert Image.open(views).tobytes() != Image.open(whole).tobytes()
+    again = tmp_path / "again.png"
+    assert main(["--model", str(compact_model), "--scene", str(views), "--out", str(again)]) == 0
+    assert Image.open(again).tobytes() == Image.open(views).tobytes()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -177,6 +280,7 @@ def test_mos_sample_writes_the_scene_into_the_png_and_reproduces_it(tmp_path, co
         (["--prompt", "a <dog1>", "--region", "a <dog1>@0,0,0,1"], "zero area"),
         (["--prompt", "a <dog1>", "--region", "nobox"], "PROMPT@x0,y0,x1,y1"),
         (["--prompt", "   "], "empty"),
+        (["--prompt", "a <dog1>", "--adapter-steps", "1.5"], "adapter_steps"),
     ],
 )
 def test_mos_sample_refuses_bad_input_clearly(tmp_path, compact_model, capsys, extra, message):
