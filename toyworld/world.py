@@ -14,9 +14,11 @@ anti-aliased, and is a pure function of its random generator.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from PIL import Image, ImageChops, ImageDraw
 
 SIZE = 32  # px, the base model's native resolution
@@ -223,6 +225,33 @@ def random_wide_scene(
         return Scene(bg, tuple(things))
 
 
+# A sketch is what an edge detector draws from an image, as the sketch T2I-Adapter's
+# training pairs were made (METHOD.md section 3): white where the colour changes by more
+# than SKETCH_THRESHOLD (of 255, in any channel) to the right or below, black elsewhere.
+# The base world's anti-aliased edges change by 40-255 over one or two pixels.
+SKETCH_THRESHOLD = 48
+
+
+def sketch_tensor(images: torch.Tensor, threshold: int = SKETCH_THRESHOLD) -> torch.Tensor:
+    """Sketches of ``images`` (uint8 ``[n, 3, H, W]``): float ``[n, 1, H, W]`` in {0, 1}, 1
+    where a pixel differs from its right or lower neighbour by more than ``threshold`` in
+    some channel (the last column and row compare with nothing)."""
+    x = images.to(torch.int16)
+    edge = torch.zeros(x.shape[0], 1, *x.shape[2:], dtype=torch.bool)
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(dim=1, keepdim=True) > threshold
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(dim=1, keepdim=True) > threshold
+    edge[..., :, :-1] |= dx
+    edge[..., :-1, :] |= dy
+    return edge.float()
+
+
+def sketch_of(image: Image.Image, threshold: int = SKETCH_THRESHOLD) -> Image.Image:
+    """The sketch of an RGB image: an L-mode image, white lines on black."""
+    arr = np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+    t = sketch_tensor(torch.from_numpy(np.ascontiguousarray(arr))[None], threshold)
+    return Image.fromarray((t[0, 0].numpy() * 255).astype(np.uint8), mode="L")
+
+
 def held_out_triples(seed: int = 1234, fraction: float = 0.2) -> frozenset[tuple[str, str, str]]:
     """(colour, shape, background) triples the base model never sees as single objects."""
     triples = [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if c != b]
@@ -395,3 +424,27 @@ def concept_photos(
     name: str, count: int = 8, seed: int = 0, size: int = SIZE * 4
 ) -> list[Image.Image]:
     return [p.image for p in concept_photos_annotated(name, count, seed, size)]
+
+
+def concept_sketch(
+    names: Sequence[str],
+    boxes: Sequence[tuple[float, float, float, float]],
+    width: int,
+    height: int = SIZE,
+    scale: float = 0.35,
+) -> Image.Image:
+    """A sketch a user could draw for concepts in boxes: each concept's lines, centred in its
+    box (fractions of the canvas), of half-size ``scale`` x the box's shorter side."""
+    if len(names) != len(boxes):
+        raise ValueError(f"{len(names)} concepts for {len(boxes)} boxes")
+    s = SUPERSAMPLE
+    img = Image.new("RGB", (width * s, height * s), (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    for name, (x0, y0, x1, y1) in zip(names, boxes, strict=True):
+        if name not in CONCEPTS:
+            raise ValueError(f"unknown toy concept {name!r}; known: {', '.join(CONCEPTS)}")
+        bw, bh = (x1 - x0) * width, (y1 - y0) * height
+        cx, cy = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height
+        r = scale * min(bw, bh)  # half-size in output pixels
+        CONCEPTS[name].draw(d, cx * s, cy * s, r * s)
+    return sketch_of(img.resize((width, height), Image.Resampling.BOX))
