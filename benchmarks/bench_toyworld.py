@@ -16,7 +16,9 @@ On the committed toy base (``--base-model toy``):
    how often each concept is found in its own box and in no other, against one plain prompt
    naming them all; and the same regional samples from concepts tuned on annotated photos
    (captions naming the background, subject masks: ``world.concept_photos_annotated``),
-   whose tokens are trained on the concept alone rather than on the whole photo.
+   whose tokens are trained on the concept alone rather than on the whole photo; and both
+   regional and plain again with the canvas denoised in native-size windows
+   (``native_views``) and the concepts' training caption as prompts ("a photo of a <TOK>").
 
 Writes ``--out``/toyworld.json, toyworld.md (the table for RESULTS.md) and PNG grids.
 """
@@ -192,9 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         groups = [names[i : i + 2] for i in range(0, min(len(names), max(fuse_n)) - 1, 2)]
         groups += [names[i : i + 3] for i in range(0, min(len(names), max(fuse_n)) - 2, 3)]
         for group in groups:
-            for regional in (True, False):
-                pl = ev.placement(pipe, group, args.placement_seeds, seed=3, regional=regional)
-                record(f"{'+'.join(group)}/{'regional' if regional else 'plain'}", pl)
+            for views in (False, True):
+                for regional in (True, False):
+                    pl = ev.placement(
+                        pipe,
+                        group,
+                        args.placement_seeds,
+                        seed=3,
+                        regional=regional,
+                        views=views,
+                        photo_prompts=views,
+                    )
+                    mode = ("views-" if views else "") + ("regional" if regional else "plain")
+                    record(f"{'+'.join(group)}/{mode}", pl)
         if not args.no_annotated:
             placed = sorted({k for g in groups for k in g}, key=names.index)
             log.info("tuning %s on captioned and masked photos", ", ".join(placed))
@@ -261,13 +273,13 @@ def markdown(r: dict) -> str:
     if r["placement"]:
         lines += [
             "",
-            "| placement: all concepts in own box, none elsewhere (scores highest in own box) | regional | plain prompt | regional, concepts tuned on annotated photos |",
-            "|---|---|---|---|",
+            "| placement: all concepts in own box, none elsewhere (scores highest in own box) | regional | plain prompt | regional, concepts tuned on annotated photos | regional, native views, training captions | plain prompt, native views, training caption |",
+            "|---|---|---|---|---|---|",
         ]
         groups = sorted({k.split("/")[0] for k in r["placement"]}, key=lambda g: (g.count("+"), g))
         for g in groups:
             cells = []
-            for mode in ("regional", "plain", "annotated"):
+            for mode in ("regional", "plain", "annotated", "views-regional", "views-plain"):
                 d = r["placement"].get(f"{g}/{mode}")
                 if d is None:
                     cells.append("-")

@@ -5,14 +5,16 @@ blue ring with a yellow centre, a white cross on red), one folder per client, an
 federation on them with Flower's simulation engine (``mos-simulate``): each virtual client
 tunes its concept with ED-LoRA and uploads only its package; the server fuses them and
 sends the fused model back. It ends by composing the concepts side by side with regional
-sampling (``composed.png``), checked with the toy world's detector. In ``--out``:
+sampling in native-size views (``composed.png``), checked with the toy world's detector. In
+``--out``:
 ``server/`` (registry, ``models/v1`` with the fused model and its fidelity report),
 ``clients/<name>/`` (each client's package and its copy of the fused model) and
 ``composed.png``.
 
 The toy model follows prompts (91% of held-out prompts) and its concepts come out in their
-colours with much of their layout, but regional sampling does not yet put them in their
-boxes at the detector's threshold (benchmarks/RESULTS.md, toy world); the demo says so.
+colours with much of their layout. Regional sampling in native-size views draws each on its
+own side, but rarely every one at the detector's threshold in the same image
+(benchmarks/RESULTS.md, toy world); the demo says so.
 ``--base-model tiny`` runs it on the random-weight tiny model instead (three made-up
 concepts; every code path in seconds, samples are noise).
 """
@@ -135,12 +137,18 @@ def compose(out: Path, names: list[str], seeds: int = 4) -> Path:
     fused = FusedModel.load_compact(models[-1] / COMPACT_FILE)
     base = load_base_model("toy")
     pipe = MixOfShowPipeline(base, fused.attach(base))
-    placed = ev.placement(pipe, names, seeds, seed=0)
+    # the concepts' training caption as prompts, the wide canvas denoised in windows of the
+    # base's own size: the setting that puts toy concepts in their boxes (RESULTS.md)
+    placed = ev.placement(pipe, names, seeds, seed=0, views=True, photo_prompts=True)
     path = out / "composed.png"
     labels = [f"seed {k}" for k in range(seeds)]
     image_grid([placed.images], [" | ".join(f"<{n}>" for n in names)], labels).save(path)
     for name, rate in zip(names, placed.in_own_box, strict=True):
         print(f"mos-demo: <{name}> found in its own box in {rate:.0%} of {seeds} seeds")
+    print(
+        "mos-demo: a concept looks most like itself in its own box in "
+        f"{placed.own_beats_other:.0%} of the (seed, concept) pairs"
+    )
     print(f"mos-demo: all {len(names)} in their boxes (and not elsewhere): {placed.all_placed:.0%}")
     return path
 

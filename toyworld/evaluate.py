@@ -22,6 +22,7 @@ from PIL import Image
 
 from mos.client.client_app import CLIENT_FILE
 from mos.client.data import CAPTION_EXTENSION, MASK_SUFFIX, PLACEHOLDER
+from mos.common.adapters import AdapterCondition
 from mos.common.base import TOY, BaseModel, load_base_model
 from mos.common.config import TrainConfig
 from mos.common.fused import FusedModel
@@ -30,7 +31,7 @@ from mos.common.pipeline import MixOfShowPipeline
 from mos.common.regions import Box, Region
 
 from .analyse import ConceptDetector
-from .world import COLOURS, CONCEPTS, article, concept_photos_annotated
+from .world import COLOURS, CONCEPTS, article, concept_photos_annotated, concept_sketch
 
 # ED-LoRA on the toy base: SD's learning rates are 10x too small for a model trained from
 # scratch in an hour (checker, 8 photos: detector score 0.00 after 150 steps at SD's rates,
@@ -139,6 +140,8 @@ def samples(
     width: int | None = None,
     height: int | None = None,
     batch: int = 16,
+    adapters: Sequence[AdapterCondition] = (),
+    native_views: bool = False,
 ) -> list[Image.Image]:
     out: list[Image.Image] = []
     gen = torch.Generator().manual_seed(seed)
@@ -153,6 +156,8 @@ def samples(
             lora_scale=lora_scale,
             width=width,
             height=height,
+            adapters=adapters,
+            native_views=native_views,
         )
     return out
 
@@ -213,17 +218,44 @@ def placement(
     *,
     regional: bool = True,
     width: int | None = None,
+    views: bool = False,
+    photo_prompts: bool = False,
+    sketch_adapter: torch.nn.Module | None = None,
 ) -> Placement:
     """Sample ``names`` side by side (regional prompts in strips, or one plain prompt
-    naming them all) and check where the detector finds each."""
+    naming them all) and check where the detector finds each.
+
+    Prompts name a background ("a <ring> on an orange background"), or with
+    ``photo_prompts`` are the concepts' training caption ("a photo of a <ring>", the
+    global prompt "a photo of a <ring> and a <swiss>"). ``views`` denoises the wide canvas
+    in windows of the base's own size (the pipeline's ``native_views``). With
+    ``sketch_adapter`` (``train_adapter``) the samples are also guided by a sketch of each
+    concept in its box (``world.concept_sketch``), as the paper's users sketch theirs."""
     boxes = side_by_side_boxes(len(names))
-    bg = background_for(names)
-    where = f"on {article(bg)} {bg} background"
-    prompt = " and ".join(f"a <{n}>" for n in names) + f" {where}"
-    regions = [Region(f"a <{n}> {where}", b) for n, b in zip(names, boxes, strict=True)]
+    if photo_prompts:
+        prompt = "a photo of " + " and ".join(f"a <{n}>" for n in names)
+        region_prompts = [f"a photo of a <{n}>" for n in names]
+    else:
+        bg = background_for(names)
+        where = f"on {article(bg)} {bg} background"
+        prompt = " and ".join(f"a <{n}>" for n in names) + f" {where}"
+        region_prompts = [f"a <{n}> {where}" for n in names]
+    regions = [Region(r, b) for r, b in zip(region_prompts, boxes, strict=True)]
     width = width or 32 * len(names)
+    adapters = ()
+    if sketch_adapter is not None:
+        sketch = concept_sketch(names, boxes, width, 32)
+        adapters = (AdapterCondition(sketch_adapter, sketch, name="sketch"),)
     images = samples(
-        pipe, prompt, n, seed, regions=regions if regional else (), width=width, height=32
+        pipe,
+        prompt,
+        n,
+        seed,
+        regions=regions if regional else (),
+        width=width,
+        height=32,
+        adapters=adapters,
+        native_views=views,
     )
     dets = {name: ConceptDetector(name) for name in names}
     own = [0] * len(names)
