@@ -188,6 +188,45 @@ def min_snr_weights(sched, gamma: float) -> torch.Tensor:
     return (gamma / counts).clamp(max=1.0).float()
 
 
+def optimise(
+    opt: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    loss: torch.Tensor,
+    step: int,
+    steps: int,
+    lr: float,
+    warmup: int,
+    ema_params: list[torch.Tensor],
+    ema_decay: float,
+) -> None:
+    """One step of the toy trainers: gradients clipped at norm 1; the learning rate warmed up
+    linearly over ``warmup`` steps, then cosine down to 10% at ``steps``; the EMA copy moved
+    towards the weights (decay ramped up to ``ema_decay`` over the first steps)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    warm = min(1.0, (step + 1) / warmup)
+    cos = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
+    for g in opt.param_groups:
+        g["lr"] = lr * warm * cos
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def track(bar, losses: list[float], loss: torch.Tensor, step: int, steps: int, every: int) -> None:
+    """Keep ``loss``; its recent mean on the progress bar every ``every // 10`` steps and in
+    the log every ``every`` steps."""
+    losses.append(float(loss.detach()))
+    if step % max(1, every // 10) == 0:
+        bar.set_postfix(loss=f"{np.mean(losses[-(every // 10) :]):.4f}")
+    if step and step % every == 0:
+        log.info(
+            "step %d/%d: loss %.4f (mean of last %d)", step, steps, np.mean(losses[-every:]), every
+        )
+
+
 def train_denoiser(
     unet,
     text_encoder,
@@ -240,27 +279,20 @@ def train_denoiser(
         target = denoising_target(sched, z.to(device), noise, t)
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        warm = min(1.0, (step + 1) / 200)
-        cos = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = lr * warm * cos
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
-        losses.append(float(loss.detach()))
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if step and step % 1000 == 0:
-            log.info(
-                "step %d/%d: loss %.4f (mean of last 1000)", step, steps, np.mean(losses[-1000:])
-            )
+        optimise(opt, params, loss, step, steps, lr, 200, ema_params, ema_decay)
+        track(bar, losses, loss, step, steps, 1000)
     for m in (unet, text_encoder):
         m.eval().requires_grad_(False)
     return ema[0], ema[1], losses
+
+
+def start_run(seed: int, threads: int) -> torch.Generator:
+    """Logging, torch threads (0: all cores) and the seeds of a training script."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def held_out_prompts(n: int, seed: int = 7) -> list[tuple[str, str, str]]:
@@ -385,11 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--wide is a fraction of the steps, in [0, 1]; got {args.wide}")
     if args.wide > 0 and (not args.wide_parts or min(args.wide_parts) < 2):
         p.error(f"--wide-parts are canvas widths of 2 or more squares; got {args.wide_parts}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = start_run(args.seed, args.threads)
     t_start = time.time()
 
     log.info("drawing %d training images", args.images)

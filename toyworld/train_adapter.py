@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from collections import Counter
@@ -58,6 +57,9 @@ from .train import (
     make_dataset,
     make_wide_dataset,
     min_snr_weights,
+    optimise,
+    start_run,
+    track,
 )
 
 log = logging.getLogger("mos.toyworld.train_adapter")
@@ -142,24 +144,8 @@ def train_adapter(
         ).sample
         target = denoising_target(sched, z.to(device), noise, t)
         loss = ((pred - target).pow(2).mean(dim=(1, 2, 3)) * weights[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        warm = min(1.0, (step + 1) / 100)
-        cos = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = lr * warm * cos
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
-        losses.append(float(loss.detach()))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step and step % 500 == 0:
-            log.info(
-                "step %d/%d: loss %.4f (mean of last 500)", step, steps, np.mean(losses[-500:])
-            )
+        optimise(opt, params, loss, step, steps, lr, 100, ema_params, ema_decay)
+        track(bar, losses, loss, step, steps, 500)
     adapter.eval().requires_grad_(False)
     return ema, losses
 
@@ -285,11 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--wide is a fraction of the steps, in [0, 1); got {args.wide}")
     if args.steps < 1 or args.images < 1 or args.wide_images < 1:
         p.error("--steps, --images and --wide-images must be at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = start_run(args.seed, args.threads)
     t_start = time.time()
 
     tokenizer, text_encoder, unet, vae, base_info = load_toy_components(args.base)
