@@ -182,8 +182,8 @@ class MixOfShowPipeline:
             if native_views
             else [(0, 0, lh, lw)]
         )
-        view_regions = []  # per view: the regions inside it and their masks there
-        for view in views:
+        view_regions = []  # per view (when there are several): its regions and their masks
+        for view in views if len(views) > 1 else ():
             crops = [
                 crop_view(m.view(-1, h, w), view, (lh, lw))
                 for (h, w), m in zip(sizes, full_masks, strict=True)
