@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, T2IAdapter
 from tqdm import tqdm
 
-from mos.common.adapters import AdapterCondition
+from mos.common.adapters import AdapterCondition, load_adapter
 from mos.common.base import TOY, BaseModel, denoising_target
 from mos.common.concepts import tokenize
 from mos.common.images import image_grid, loss_curve
@@ -52,6 +52,7 @@ from . import world
 from .analyse import analyse
 from .model import TOY_SCHEDULER_CONFIG, WEIGHTS, load_toy_components
 from .train import (
+    Pool,
     caption_variants,
     encode_latents,
     make_dataset,
@@ -79,14 +80,10 @@ def build_sketch_adapter(unet_channels: Sequence[int], vae_factor: int = 2) -> T
 
 
 @dataclass
-class SketchPool:
-    """Latents of one canvas shape, their sketches, scenes and the batch size for them."""
+class SketchPool(Pool):
+    """A training pool (``train.Pool``) with the sketch of every image."""
 
-    means: torch.Tensor
-    stds: torch.Tensor
-    sketches: torch.Tensor  # float [n, 1, H, W] in {0, 1}
-    scenes: list
-    batch: int
+    sketches: torch.Tensor | None = None  # float [n, 1, H, W] in {0, 1}
 
 
 def cubic_timesteps(n: int, num_train: int, gen: torch.Generator) -> torch.Tensor:
@@ -158,6 +155,11 @@ def sketch_cover(sample_sketch: torch.Tensor, condition: torch.Tensor) -> float:
     return 1.0 if lines == 0 else float((near * condition).sum() / lines)
 
 
+def _lines(sketch) -> torch.Tensor:
+    """A sketch image as a ``[1, H, W]`` tensor in {0, 1}."""
+    return torch.from_numpy(np.asarray(sketch, dtype=np.float32) / 255.0)[None]
+
+
 @torch.no_grad()
 def sketch_eval(
     base: BaseModel,
@@ -185,34 +187,29 @@ def sketch_eval(
         gen = torch.Generator().manual_seed(seed)
         hits = cover = 0.0
         images = []
-        for i in range(0, len(scenes), 16):
-            chunk = scenes[i : i + 16]
-            conds = [world.sketch_of(world.render_scene(sc, width=width)) for sc in chunk]
-            for sc, cond in zip(chunk, conds, strict=True):
-                adapters = () if adapter is None else (AdapterCondition(adapter, cond),)
-                img = pipe(
-                    sc.caption,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    generator=gen,
-                    width=width,
-                    height=world.SIZE,
-                    adapters=adapters,
-                )[0]
-                images.append(img)
-                want = torch.from_numpy(np.asarray(cond, dtype=np.float32) / 255.0)[None]
-                got = torch.from_numpy(np.asarray(world.sketch_of(img), dtype=np.float32) / 255)
-                cover += sketch_cover(got[None], want)
-                if kind == "single":
-                    t = sc.things[0]
-                    hits += analyse(img).matches(t.colour, t.shape, sc.background)
-                else:
-                    halves = [
-                        analyse(img.crop((x, 0, x + world.SIZE, world.SIZE)))
-                        for x in (0, world.SIZE)
-                    ]
-                    want_objs = Counter((t.colour, t.shape) for t in sc.things)
-                    hits += Counter((h.colour, h.shape) for h in halves) == want_objs
+        for sc in scenes:
+            cond = world.sketch_of(world.render_scene(sc, width=width))
+            adapters = () if adapter is None else (AdapterCondition(adapter, cond),)
+            img = pipe(
+                sc.caption,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gen,
+                width=width,
+                height=world.SIZE,
+                adapters=adapters,
+            )[0]
+            images.append(img)
+            cover += sketch_cover(_lines(world.sketch_of(img)), _lines(cond))
+            if kind == "single":
+                t = sc.things[0]
+                hits += analyse(img).matches(t.colour, t.shape, sc.background)
+            else:
+                halves = [
+                    analyse(img.crop((x, 0, x + world.SIZE, world.SIZE))) for x in (0, world.SIZE)
+                ]
+                want = Counter((t.colour, t.shape) for t in sc.things)
+                hits += Counter((h.colour, h.shape) for h in halves) == want
         out[kind] = {
             "read_back": round(hits / len(scenes), 3),
             "sketch_cover": round(cover / len(scenes), 3),
@@ -239,8 +236,6 @@ def write_eval(base: BaseModel, adapter: T2IAdapter, n: int, out: Path, info: di
 
 def load_sketch_adapter(path: Path = ADAPTER) -> T2IAdapter:
     """The committed toy sketch adapter (a diffusers ``T2IAdapter`` folder)."""
-    from mos.common.adapters import load_adapter
-
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: the toy sketch adapter is missing; train it with "
@@ -281,22 +276,21 @@ def main(argv: list[str] | None = None) -> int:
     scaling = float(vae.config.scaling_factor)
     pools: list[SketchPool] = []
     log.info("drawing and encoding %d square canvases", args.images)
-    images, scenes = make_dataset(
-        args.images, args.seed + 100, two_tone=base_info.get("two_tone", 0.3)
-    )
+    two_tone = base_info.get("two_tone", 0.3)  # the base's own world
+    images, scenes = make_dataset(args.images, args.seed + 100, two_tone=two_tone)
     m, sd = encode_latents(vae, images)
     pools.append(
-        SketchPool(m * scaling, sd * scaling, world.sketch_tensor(images), scenes, args.batch)
+        SketchPool(m * scaling, sd * scaling, scenes, args.batch, world.sketch_tensor(images))
     )
     for parts in (2, 3):
         log.info("drawing and encoding %d canvases %d squares wide", args.wide_images, parts)
         wide, wide_scenes = make_wide_dataset(
-            args.wide_images, args.seed + 100, parts, two_tone=0.3
+            args.wide_images, args.seed + 100, parts, two_tone=two_tone
         )
         m, sd = encode_latents(vae, wide)
         batch = max(1, round(args.batch / parts))
         pools.append(
-            SketchPool(m * scaling, sd * scaling, world.sketch_tensor(wide), wide_scenes, batch)
+            SketchPool(m * scaling, sd * scaling, wide_scenes, batch, world.sketch_tensor(wide))
         )
     del images
 
