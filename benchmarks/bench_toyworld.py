@@ -164,11 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                 if n == max(fuse_n):
                     rows[k].append(imgs[0])
             single = {k: ident[k]["edlora"]["mean_score"] for k in subset}
+            # the same seeds as the single-concept samples: paired per-sample drops
+            diffs = [
+                a - b
+                for k in subset
+                for a, b in zip(ident[k]["edlora"]["scores"], per[k].scores, strict=True)
+            ]
             fusion[f"{n}/{strategy}"] = {
                 "mean_score": statistics.mean(per[k].mean_score for k in subset),
                 "detected": statistics.mean(per[k].detected for k in subset),
                 "single_mean_score": statistics.mean(single.values()),
                 "drop": statistics.mean(single[k] - per[k].mean_score for k in subset),
+                "drop_se": statistics.stdev(diffs) / len(diffs) ** 0.5,
                 "per_concept": {k: per[k].mean_score for k in subset},
                 "seconds": round(time.time() - start, 1),
             }
@@ -260,7 +267,7 @@ def markdown(r: dict) -> str:
     lines.append("| **mean** | " + " | ".join(f"**{means[c]:.2f}**" for c in cols) + " |")
     lines += [
         "",
-        "| fusion | single (mean score) | gradient fusion | drop | weight fusion | drop | drop ratio |",
+        "| fusion | single (mean score) | gradient fusion | drop ± paired s.e. | weight fusion | drop ± paired s.e. | drop ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     ns = sorted({int(k.split("/")[0]) for k in r["fusion"]})
@@ -268,7 +275,7 @@ def markdown(r: dict) -> str:
         g, w = r["fusion"][f"{n}/gradient-fusion"], r["fusion"][f"{n}/weight-fusion"]
         ratio = g["drop"] / w["drop"] if w["drop"] > 0 else float("nan")
         lines.append(
-            f"| N = {n} | {g['single_mean_score']:.3f} | {g['mean_score']:.3f} | {g['drop']:+.3f} | {w['mean_score']:.3f} | {w['drop']:+.3f} | {ratio:.2f} |"
+            f"| N = {n} | {g['single_mean_score']:.3f} | {g['mean_score']:.3f} | {_drop(g)} | {w['mean_score']:.3f} | {_drop(w)} | {ratio:.2f} |"
         )
     if r["placement"]:
         lines += [
@@ -290,6 +297,11 @@ def markdown(r: dict) -> str:
                 )
             lines.append(f"| {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _drop(d: dict) -> str:
+    se = d.get("drop_se")  # absent in results written before it was measured
+    return f"{d['drop']:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 if __name__ == "__main__":
