@@ -1,6 +1,6 @@
 """The paper's claims on the toy world (issue 6), from one command, on CPU.
 
-    python benchmarks/bench_toyworld.py                       # all 8 concepts, ~10 min on 2 cores
+    python benchmarks/bench_toyworld.py                       # all 8 concepts, ~30 min on 2 cores
     python benchmarks/bench_toyworld.py --concepts checker ring --samples 4 --steps 50   # smoke
 
 On the committed toy base (``--base-model toy``):
@@ -41,6 +41,7 @@ from mos.server.fusion import FusionConfig, FusionEngine
 from mos.toyworld import evaluate as ev
 from mos.toyworld import world
 from mos.toyworld.analyse import ConceptDetector
+from mos.toyworld.model import toy_weights_path
 
 log = logging.getLogger("bench_toyworld")
 
@@ -106,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"concepts": names, "steps": args.steps, "samples": args.samples}
 
     base_pipe = ev.MixOfShowPipeline(ev.toy_base())
+    # $MOS_TOY_WEIGHTS names another toy base (e.g. one trained on a GPU) than the committed one
+    result["base"] = {
+        "weights": toy_weights_path().name,
+        "unet_channels": list(base_pipe.base.unet.config.block_out_channels),
+    }
     log.info("detector accuracy")
     result["detector"] = detector_accuracy(names, base_pipe)
 
@@ -246,6 +252,9 @@ def markdown(r: dict) -> str:
         f"Concepts: {', '.join(r['concepts'])}; {r['steps']} tuning steps; {r['samples']} samples each; {r['seconds']} s in all.",
         "",
     ]
+    if "base" in r:  # absent in results written before it was recorded
+        channels = ", ".join(map(str, r["base"]["unet_channels"]))
+        lines[-1:-1] = [f"Base: `{r['base']['weights']}`, UNet ({channels})."]
     lines += ["| detector | TPR (held-out photos) | FPR (other images) |", "|---|---|---|"]
     for k, d in r["detector"].items():
         lines.append(

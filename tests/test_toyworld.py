@@ -356,7 +356,7 @@ def test_native_views_put_each_fused_concept_on_its_own_side(fused3):
     assert views.own_beats_other >= whole.own_beats_other + 0.25, (whole, views)
 
 
-def test_the_training_script_writes_weights_that_load_back(tmp_path):
+def test_the_training_script_writes_weights_that_load_back(tmp_path, monkeypatch):
     from mos.toyworld.model import load_toy_components
     from mos.toyworld.train import main
 
@@ -390,6 +390,37 @@ def test_the_training_script_writes_weights_that_load_back(tmp_path):
     info3 = json.loads((tmp_path / "wide.json").read_text())
     assert info3["wide"] == 0.5 and info3["wide_parts"] == [2] and info3["wide_images"] == 16
     assert info3["wide_adherence"]["n"] == 2 and (tmp_path / "wide.wide.png").is_file()
+
+    # another UNet width (a GPU recipe): recorded in the file, rebuilt by the loader
+    narrow = tmp_path / "narrow.safetensors"
+    args = ["--out", str(narrow), "--images", "64", "--vae-steps", "1", "--vae-batch", "8",
+            "--steps", "1", "--batch", "8", "--eval-prompts", "2", "--unet-channels", "16,32,32"]  # fmt: skip
+    assert main(args) == 0
+    _, _, unet4, _, info4 = load_toy_components(narrow)
+    assert tuple(unet4.config.block_out_channels) == (16, 32, 32)
+    assert info4["unet_channels"] == [16, 32, 32] and info["unet_channels"] == [48, 96, 96]
+    # wherever "toy" is named, $MOS_TOY_WEIGHTS swaps in such a base
+    from mos.common.base import load_base_model
+
+    monkeypatch.setenv("MOS_TOY_WEIGHTS", str(narrow))
+    assert tuple(load_base_model("toy").unet.config.block_out_channels) == (16, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--unet-channels", "48,96"], "3 blocks, each a multiple of 8"),
+        (["--unet-channels", "48,90,96"], "3 blocks, each a multiple of 8"),
+        (["--unet-channels", "64,128,128", "--init", "x.safetensors"], "keeps the init"),
+    ],
+)
+def test_the_training_script_refuses_unet_widths_it_cannot_build(tmp_path, capsys, extra, message):
+    from mos.toyworld.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "t.safetensors"), *extra])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "t.safetensors").exists()
 
 
 def test_the_committed_sketch_adapter_fits_the_toy_base_and_its_sketches_are_followed():
@@ -482,10 +513,10 @@ def test_the_toy_base_without_weights_is_a_clear_error(monkeypatch, tmp_path):
     from mos.common.base import BaseModelError, load_base_model
 
     monkeypatch.setattr("mos.toyworld.model.WEIGHTS", tmp_path / "missing.safetensors")
-    monkeypatch.setattr(
-        "mos.toyworld.model.load_toy_components.__defaults__", (tmp_path / "missing.safetensors",)
-    )
     with pytest.raises(BaseModelError, match="python -m mos.toyworld.train"):
+        load_base_model("toy")
+    monkeypatch.setenv("MOS_TOY_WEIGHTS", str(tmp_path / "other.safetensors"))
+    with pytest.raises(BaseModelError, match=r"other.safetensors \(named by \$MOS_TOY_WEIGHTS\)"):
         load_base_model("toy")
 
 

@@ -9,6 +9,8 @@ over its word list plus the toy world's words.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +25,8 @@ from mos.common.tokenizer import build_tiny_tokenizer, default_words
 from .world import WORDS
 
 WEIGHTS = Path(__file__).parent / "weights" / "toy-base.safetensors"
+UNET_CHANNELS = (48, 96, 96)  # the committed base's UNet block widths
+WEIGHTS_ENV = "MOS_TOY_WEIGHTS"  # another toy base file instead of the committed one
 TOY = "toy"
 # DDPM's linear betas instead of SD's scaled-linear ones, and v-prediction (as SD 2.x).
 # With SD's schedule the last timestep keeps sqrt(alpha_bar) = 0.07 of the latent, and on
@@ -50,25 +54,40 @@ def toy_tokenizer() -> CLIPTokenizer:
     return build_tiny_tokenizer(list(dict.fromkeys(default_words() + list(WORDS))))
 
 
-def toy_configs() -> dict[str, dict]:
+def check_unet_channels(channels: Sequence[int]) -> tuple[int, int, int]:
+    """The toy UNet's three block widths, validated (each a multiple of its 8 norm groups)."""
+    channels = tuple(int(c) for c in channels)
+    if len(channels) != 3 or any(c < 8 or c % 8 for c in channels):
+        raise ValueError(
+            f"the toy UNet has 3 blocks, each a multiple of 8 channels wide; got {channels}"
+        )
+    return channels  # type: ignore[return-value]
+
+
+def toy_configs(unet_channels: Sequence[int] = UNET_CHANNELS) -> dict[str, dict]:
     """The tiny model's layout (32 px images, latents 4x16x16, cross-attention at 16x16 and
     8x8 and in the mid block), 1.5x wider UNet blocks (48, 96, 96) with 2 attention heads
     (head width 24-48 instead of 4-8: CPU attention with 4-wide heads took 40% of a training
-    step) and a text width of 64 instead of 32."""
+    step) and a text width of 64 instead of 32. ``unet_channels`` widens the UNet (the
+    feasibility probe's (64, 128, 128) is a GPU recipe; TOYWORLD-NOTES.md)."""
     configs = tiny_configs()
     configs["unet"].update(
-        block_out_channels=(48, 96, 96), attention_head_dim=2, cross_attention_dim=64
+        block_out_channels=check_unet_channels(unet_channels),
+        attention_head_dim=2,
+        cross_attention_dim=64,
     )
     configs["text_encoder"].update(hidden_size=64, intermediate_size=128, projection_dim=64)
     return configs
 
 
 def build_toy_architecture(
-    tokenizer: CLIPTokenizer | None = None, seed: int = 0
+    tokenizer: CLIPTokenizer | None = None,
+    seed: int = 0,
+    unet_channels: Sequence[int] = UNET_CHANNELS,
 ) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
     """The untrained toy model (random weights from ``seed``)."""
     tokenizer = tokenizer or toy_tokenizer()
-    text_encoder, unet, vae = build_components(toy_configs(), tokenizer, seed)
+    text_encoder, unet, vae = build_components(toy_configs(unet_channels), tokenizer, seed)
     return tokenizer, text_encoder, unet, vae
 
 
@@ -86,24 +105,38 @@ def save_toy_weights(
         for name, t in module.state_dict().items():
             tensors[f"{prefix}.{name}"] = t.detach().to("cpu", torch.float16).contiguous()
     meta = {"format": "mos-toy-base", "info": json.dumps(info, sort_keys=True)}
+    meta["unet_channels"] = ",".join(str(c) for c in unet.config.block_out_channels)
     meta["vae_scaling_factor"] = str(float(vae.config.scaling_factor))
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def toy_weights_path() -> Path:
+    """The weights the ``toy`` base loads: ``$MOS_TOY_WEIGHTS`` if set (another toy base,
+    e.g. one trained on a GPU with ``--unet-channels``), else the committed file."""
+    other = os.environ.get(WEIGHTS_ENV)
+    return Path(other) if other else WEIGHTS
+
+
 def load_toy_components(
-    path: Path = WEIGHTS,
+    path: Path | None = None,
 ) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, AutoencoderKL, dict]:
-    """The trained toy model's components (fp32) and its training info."""
+    """The trained toy model's components (fp32) and its training info (``path`` None:
+    ``toy_weights_path()``)."""
+    path = path or toy_weights_path()
     if not path.is_file():
+        named = f" (named by ${WEIGHTS_ENV})" if path != WEIGHTS else ""
         raise FileNotFoundError(
-            f"{path}: the toy model's weights are missing; train them with "
+            f"{path}{named}: the toy model's weights are missing; train them with "
             "`python -m mos.toyworld.train` (see benchmarks/README.md)"
         )
-    tokenizer, text_encoder, unet, vae = build_toy_architecture()
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != "mos-toy-base":
             raise ValueError(f"{path}: not a toy base model file")
+        # files written before the UNet width was recorded have the default layout
+        channels = meta.get("unet_channels")
+        channels = channels.split(",") if channels else UNET_CHANNELS
+        tokenizer, text_encoder, unet, vae = build_toy_architecture(unet_channels=channels)
         for prefix, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
             state = {
                 k[len(prefix) + 1 :]: f.get_tensor(k).float()

@@ -54,8 +54,10 @@ from .analyse import analyse
 from .model import (
     TOY,
     TOY_SCHEDULER_CONFIG,
+    UNET_CHANNELS,
     WEIGHTS,
     build_toy_architecture,
+    check_unet_channels,
     load_toy_components,
     save_toy_weights,
 )
@@ -399,6 +401,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="continue from these toy weights (with --vae-steps 0 the VAE and its scale stay)",
     )
+    p.add_argument(
+        "--unet-channels",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=None,
+        help="UNet block widths, comma-separated (default 48,96,96; 64,128,128 is the GPU "
+        "probe's); with --init, those of the init weights",
+    )
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-batch", type=int, default=32)
@@ -417,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--wide is a fraction of the steps, in [0, 1]; got {args.wide}")
     if args.wide > 0 and (not args.wide_parts or min(args.wide_parts) < 2):
         p.error(f"--wide-parts are canvas widths of 2 or more squares; got {args.wide_parts}")
+    if args.unet_channels is not None:
+        try:
+            args.unet_channels = check_unet_channels(args.unet_channels)
+        except ValueError as err:
+            p.error(f"--unet-channels: {err}")
+        if args.init:
+            p.error("--unet-channels: a run with --init keeps the init weights' UNet widths")
     gen = start_run(args.seed, args.threads)
     t_start = time.time()
 
@@ -425,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.init:
         tokenizer, text_encoder, unet, vae, _ = load_toy_components(args.init)
     else:
-        tokenizer, text_encoder, unet, vae = build_toy_architecture(seed=args.seed)
+        tokenizer, text_encoder, unet, vae = build_toy_architecture(
+            seed=args.seed, unet_channels=args.unet_channels or UNET_CHANNELS
+        )
     device = torch.device(args.device)
     for module in (text_encoder, unet, vae):
         module.to(device)
@@ -496,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "min_snr": args.min_snr,
         "vae_lr": args.vae_lr,
         "prediction_type": TOY_SCHEDULER_CONFIG["prediction_type"],
+        "unet_channels": list(unet.config.block_out_channels),
         "vae_seconds": round(vae_s),
         "unet_seconds": round(unet_s),
         "torch_threads": torch.get_num_threads(),
