@@ -411,6 +411,7 @@ def test_the_training_script_writes_weights_that_load_back(tmp_path, monkeypatch
     [
         (["--unet-channels", "48,96"], "3 blocks, each a multiple of 8"),
         (["--unet-channels", "48,90,96"], "3 blocks, each a multiple of 8"),
+        (["--unet-channels", "64,wide,128"], "comma-separated whole numbers"),
         (["--unet-channels", "64,128,128", "--init", "x.safetensors"], "keeps the init"),
     ],
 )

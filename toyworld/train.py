@@ -370,6 +370,15 @@ def sample_grid(images: list, cols: int = 16):
     return image_grid([images[i : i + cols] for i in range(0, len(images), cols)], min_cell=96)
 
 
+def _widths(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers such as 64,128,128; got {value!r}"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mos.toyworld.train", description=__doc__.split("\n\n")[0]
@@ -403,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--unet-channels",
-        type=lambda v: tuple(int(x) for x in v.split(",")),
+        type=_widths,
         default=None,
         help="UNet block widths, comma-separated (default 48,96,96; 64,128,128 is the GPU "
         "probe's); with --init, those of the init weights",
