@@ -41,9 +41,10 @@ from mos.server.fusion import FusionConfig, FusionEngine
 from mos.toyworld import evaluate as ev
 from mos.toyworld import world
 from mos.toyworld.analyse import ConceptDetector
-from mos.toyworld.model import toy_weights_path
+from mos.toyworld.model import WEIGHTS, toy_weights_path
 
 log = logging.getLogger("bench_toyworld")
+COMMITTED = "toyworld/weights/toy-base.safetensors (committed)"
 
 
 def detector_accuracy(names: list[str], base_pipe, n: int = 20) -> dict:
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
     base_pipe = ev.MixOfShowPipeline(ev.toy_base())
     # $MOS_TOY_WEIGHTS names another toy base (e.g. one trained on a GPU) than the committed one
+    weights = toy_weights_path()
     result["base"] = {
-        "weights": toy_weights_path().name,
+        "weights": COMMITTED if weights == WEIGHTS else str(weights),
         "unet_channels": list(base_pipe.base.unet.config.block_out_channels),
     }
     log.info("detector accuracy")
