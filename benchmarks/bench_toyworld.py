@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 "detected": statistics.mean(per[k].detected for k in subset),
                 "single_mean_score": statistics.mean(single.values()),
                 "drop": statistics.mean(single[k] - per[k].mean_score for k in subset),
-                "drop_se": statistics.stdev(diffs) / len(diffs) ** 0.5,
+                # one (concept, sample) pair has no spread to measure
+                "drop_se": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None,
                 "per_concept": {k: per[k].mean_score for k in subset},
                 "seconds": round(time.time() - start, 1),
             }

@@ -130,7 +130,9 @@ def view_windows(
     return views
 
 
-def crop_view(t: torch.Tensor, view: tuple[int, int, int, int], full: tuple[int, int]):
+def crop_view(
+    t: torch.Tensor, view: tuple[int, int, int, int], full: tuple[int, int]
+) -> torch.Tensor:
     """The part of ``t`` (``[..., H, W]``, a level of a ``full``-sized latent, H and W
     ``full`` divided by a power of two) under latent window ``view``."""
     y0, x0, h, w = view
