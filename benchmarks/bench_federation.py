@@ -29,7 +29,7 @@ import torch
 from mos.client.demo import DEMO_CONCEPTS, write_demo_photos
 from mos.common.base import build_tiny
 from mos.common.fused import FusedModel
-from mos.common.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, target_linear_names
+from mos.common.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, target_layer_names
 from mos.common.processes import Managed, flower_env, free_port
 from mos.common.wire import fused_to_records, package_to_records
 from mos.server.fusion import FusionEngine
@@ -40,7 +40,7 @@ BIN = Path(sys.executable).parent
 def lora_shapes(text_encoder, unet, rank: int) -> list[tuple[int, int]]:
     shapes = []
     for model, targets in ((text_encoder, TEXT_ENCODER_TARGETS), (unet, UNET_TARGETS)):
-        for name in target_linear_names(model, targets):
+        for name in target_layer_names(model, targets):
             lin = model.get_submodule(name)
             shapes += [(rank, lin.in_features), (lin.out_features, rank)]
     return shapes

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 def random_packages(base, n: int, rank: int = 4, rel_norm: float = 0.02, seed: int = 0):
     from mos.common.concepts import Concept
     from mos.common.edlora import initial_embeddings
-    from mos.common.lora import target_linear_names
+    from mos.common.lora import target_layer_names
     from mos.common.package import ConceptPackage, expected_lora_shapes
 
     gen = torch.Generator().manual_seed(seed)
@@ -39,7 +39,7 @@ def random_packages(base, n: int, rank: int = 4, rel_norm: float = 0.02, seed: i
     weights = {
         f"{prefix}.{name}": model.get_submodule(name).weight
         for prefix, model, targets in base.lora_components()
-        for name in target_linear_names(model, targets)
+        for name in target_layer_names(model, targets)
     }
     packages = []
     for i in range(n):

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument(
+        "--conv-rank",
+        type=int,
+        default=0,
+        help="also adapt the UNet's ResNet convolutions at this rank (LoCon; 0: off, as the "
+        "paper); helps subjects with fine texture, see benchmarks/RESULTS.md",
+    )
     p.add_argument("--lr-embedding", type=float, default=1e-3, help="embedding learning rate")
     p.add_argument("--lr-text", type=float, default=1e-5, help="text-encoder LoRA learning rate")
     p.add_argument("--lr-unet", type=float, default=1e-4, help="UNet LoRA learning rate")
@@ -149,6 +156,7 @@ def run(args: argparse.Namespace) -> Path:
         batch_size=args.batch_size,
         resolution=args.resolution,
         rank=args.rank,
+        conv_rank=args.conv_rank,
         lr_embedding=args.lr_embedding,
         lr_text_lora=args.lr_text,
         lr_unet_lora=args.lr_unet,

@@ -34,7 +34,7 @@ from ..common.base import BaseModel, denoising_target
 from ..common.concepts import Concept, ConceptTable, encode_prompts, tokenize
 from ..common.config import TrainConfig
 from ..common.edlora import add_concept_tokens, initial_embeddings, trainable_rows
-from ..common.lora import inject_lora, lora_state_dict
+from ..common.lora import UNET_CONV_TARGETS, inject_lora, lora_state_dict
 from ..common.package import ConceptPackage
 from .data import PLACEHOLDER, Photo, photo_tensors
 
@@ -237,6 +237,10 @@ def _train(
         base.unet, base.lora_components()[1][2], config.rank, config.lora_dropout
     )
     te_params = [p for x in te_layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
+    if config.conv_rank:
+        unet_layers |= inject_lora(
+            base.unet, UNET_CONV_TARGETS, config.conv_rank, config.lora_dropout
+        )
     unet_params = [p for x in unet_layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
     gc = config.gradient_checkpointing
     if gc is None:
@@ -371,6 +375,7 @@ def _train(
     package = ConceptPackage(
         concept=concept,
         rank=config.rank,
+        conv_rank=config.conv_rank,
         embeddings=embeddings,
         lora={
             **lora_state_dict(base.text_encoder, te_prefix),

@@ -33,7 +33,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .attention import cross_attention_layers
-from .lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, target_linear_names
+from .lora import TEXT_ENCODER_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS, target_layer_names
 from .tokenizer import build_tiny_tokenizer
 
 if TYPE_CHECKING:
@@ -114,15 +114,21 @@ class BaseModel:
     def text_dim(self) -> int:
         return int(self.text_encoder.config.hidden_size)
 
-    def lora_components(self) -> list[tuple[str, torch.nn.Module, tuple[str, ...]]]:
-        """``[(key prefix, model, LoRA targets)]`` for the text encoder and the UNet.
+    def lora_components(
+        self, conv: bool = False
+    ) -> list[tuple[str, torch.nn.Module, tuple[str, ...]]]:
+        """``[(key prefix, model, LoRA targets)]`` for the text encoder and the UNet, and with
+        ``conv`` a third entry for the UNet's ResNet convolutions (``UNET_CONV_TARGETS``).
 
         Keys follow the diffusers LoRA convention, ``text_encoder.text_model.encoder...``,
         whether or not this transformers version nests CLIP under ``text_model``.
         """
         te = self.text_encoder
         te_prefix = "text_encoder" if hasattr(te, "text_model") else "text_encoder.text_model"
-        return [(te_prefix, te, TEXT_ENCODER_TARGETS), ("unet", self.unet, UNET_TARGETS)]
+        out = [(te_prefix, te, TEXT_ENCODER_TARGETS), ("unet", self.unet, UNET_TARGETS)]
+        if conv:
+            out.append(("unet", self.unet, UNET_CONV_TARGETS))
+        return out
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> BaseModel:
         for module in (self.text_encoder, self.unet, self.vae):
@@ -433,7 +439,7 @@ def base_fingerprint(base: BaseModel) -> str:
     te = base.text_encoder
     tensors = [("token_embedding", te.get_input_embeddings().weight)]
     for prefix, model, targets in base.lora_components():
-        for name in target_linear_names(model, targets):
+        for name in target_layer_names(model, targets):
             tensors.append((f"{prefix}.{name}", model.get_submodule(name).weight))
     for name, tensor in tensors:
         h.update(f"{name}:{tuple(tensor.shape)};".encode())

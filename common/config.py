@@ -26,6 +26,13 @@ class TrainConfig(_Model):
         None, ge=8, le=4096, description="training resolution in px; None = the base's native"
     )
     rank: int = Field(4, ge=1, le=256, description="LoRA rank (METHOD.md: 4)")
+    conv_rank: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="rank of LoRA on the UNet's ResNet convolutions (LoCon; 0: none, as "
+        "METHOD.md); trained at the UNet LoRA learning rate",
+    )
     lr_embedding: float = Field(1e-3, ge=0, le=1)
     lr_text_lora: float = Field(1e-5, ge=0, le=1)
     lr_unet_lora: float = Field(1e-4, ge=0, le=1)

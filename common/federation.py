@@ -40,6 +40,7 @@ RUN_CONFIG_DEFAULTS: dict[str, str | int | float | bool] = {
     "batch-size": 2,
     "resolution": 0,
     "rank": 4,
+    "conv-rank": 0,
     "lr-embedding": 1e-3,
     "lr-text": 1e-5,
     "lr-unet": 1e-4,
@@ -79,6 +80,7 @@ class RunSettings(_Model):
     batch_size: int = Field(2, ge=1, alias="batch-size")
     resolution: int = Field(0, ge=0, description="0: the base's native")
     rank: int = Field(4, ge=1, le=256)
+    conv_rank: int = Field(0, ge=0, le=256, alias="conv-rank")
     lr_embedding: float = Field(1e-3, ge=0, alias="lr-embedding")
     lr_text: float = Field(1e-5, ge=0, alias="lr-text")
     lr_unet: float = Field(1e-4, ge=0, alias="lr-unet")
@@ -105,6 +107,7 @@ class RunSettings(_Model):
             batch_size=self.batch_size,
             resolution=self.resolution or None,
             rank=self.rank,
+            conv_rank=self.conv_rank,
             lr_embedding=self.lr_embedding,
             lr_text_lora=self.lr_text,
             lr_unet_lora=self.lr_unet,

@@ -3,8 +3,10 @@
 Compact form (``fused.safetensors``): the base fingerprint, every concept's embeddings, and
 for each LoRA-target layer the fused update as an exact factorisation
 ``<key>.lora_B.weight`` ``[out, R]`` @ ``<key>.lora_A.weight`` ``[R, in]`` with
-``R = sum of the concept ranks`` (no truncation). ``FusedModel.attach(base)`` loads it onto
-the base it was made for.
+``R = sum of the concept ranks`` (no truncation). UNet convolution adapters (LoCon) are
+stored the same way, flattened: ``lora_A`` ``[R, in * kh * kw]``; a file with them is format
+version 2, which older builds refuse. ``FusedModel.attach(base)`` loads it onto the base it
+was made for.
 
 Folder form (``mos-fuse --out DIR``): an ordinary diffusers Stable Diffusion folder with the
 update merged into the weights and every concept token in the tokenizer, plus
@@ -26,12 +28,13 @@ from .base import BaseModel, load_base_model
 from .concepts import Concept, ConceptError, ConceptTable
 from .edlora import add_concept_tokens, write_embeddings
 from .files import atomic_write
-from .lora import inject_lora, remove_lora, target_linear_names
+from .lora import inject_lora, remove_lora, target_layer_names
 from .package import ConceptPackage, PackageError
 from .safecheck import HeaderError, check_header
 
 FUSED_FORMAT = "mix-of-show/fused"
 FUSED_VERSION = 1
+FUSED_CONV_VERSION = 2  # with UNet convolution adapters
 CONCEPTS_FILE = "concepts.json"
 COMPACT_FILE = "fused.safetensors"
 # exact-rank factors grow linearly with the concepts: SD 1.5 fp32 is ~4.5 MB per concept
@@ -83,10 +86,17 @@ class FusedModel:
             sources=dict(sources or {}),
         )
 
+    def has_conv(self) -> bool:
+        """Whether the fused update touches the UNet's ResNet convolutions (LoCon)."""
+        return any(k.endswith((".conv1", ".conv2")) and ".resnets." in k for k in self.factors)
+
+    def version(self) -> int:
+        return FUSED_CONV_VERSION if self.has_conv() else FUSED_VERSION
+
     def table_json(self) -> dict:
         return {
             "format": FUSED_FORMAT,
-            "format_version": FUSED_VERSION,
+            "format_version": self.version(),
             "strategy": self.strategy,
             "base_fingerprint": self.base_fingerprint,
             "base_source": self.base_source,
@@ -111,7 +121,7 @@ class FusedModel:
         tensors = self.tensors()
         meta = {
             "format": FUSED_FORMAT,
-            "format_version": str(FUSED_VERSION),
+            "format_version": str(self.version()),
             "table": json.dumps(self.table_json()),
         }
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -130,8 +140,11 @@ class FusedModel:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as err:
             raise PackageError(f"{path}: not a readable fused model ({err})") from err
-        if meta.get("format") != FUSED_FORMAT or meta.get("format_version") != str(FUSED_VERSION):
-            raise PackageError(f"{path}: not a version-{FUSED_VERSION} fused model")
+        versions = (str(FUSED_VERSION), str(FUSED_CONV_VERSION))
+        if meta.get("format") != FUSED_FORMAT or meta.get("format_version") not in versions:
+            raise PackageError(
+                f"{path}: not a fused model of a version this build reads ({', '.join(versions)})"
+            )
         try:
             table = json.loads(meta["table"])
         except (KeyError, ValueError) as err:
@@ -143,8 +156,11 @@ class FusedModel:
         cls, tensors: dict[str, torch.Tensor], table: dict, origin: str = "fused model"
     ) -> FusedModel:
         """Rebuild from the compact tensors and the concept table, checking that they agree."""
-        if table.get("format") != FUSED_FORMAT or table.get("format_version") != FUSED_VERSION:
-            raise PackageError(f"{origin}: not a version-{FUSED_VERSION} fused model")
+        if table.get("format") != FUSED_FORMAT or table.get("format_version") not in (
+            FUSED_VERSION,
+            FUSED_CONV_VERSION,
+        ):
+            raise PackageError(f"{origin}: not a fused model of a version this build reads")
         for key, t in tensors.items():
             if not bool(torch.isfinite(t).all()):
                 raise PackageError(f"{origin}: tensor {key} has NaN or infinite values")
@@ -179,22 +195,28 @@ class FusedModel:
                 f"this fused model was made for base {self.base_fingerprint[:12]} "
                 f"({self.base_source}); the given base is {base.fingerprint[:12]} ({base.source})"
             )
-        missing = sorted(
+        components = base.lora_components(conv=self.has_conv())
+        layers = {
             f"{prefix}.{name}"
-            for prefix, model, targets in base.lora_components()
-            for name in target_linear_names(model, targets)
-            if f"{prefix}.{name}" not in self.factors
-        )
+            for prefix, model, targets in components
+            for name in target_layer_names(model, targets)
+        }
+        missing = sorted(layers - set(self.factors))
         if missing:
             raise PackageError(
                 f"this fused model lacks {len(missing)} layers of the base, e.g. {missing[:2]}"
+            )
+        unknown = sorted(set(self.factors) - layers)
+        if unknown:
+            raise PackageError(
+                f"this fused model has {len(unknown)} layers the base lacks, e.g. {unknown[:2]}"
             )
         table = ConceptTable()
         for c in self.concepts:
             add_concept_tokens(base, c)
             write_embeddings(base, c, self.embeddings[c.name])
             table.add(c)
-        for prefix, model, targets in base.lora_components():
+        for prefix, model, targets in components:
             for name, layer in inject_lora(model, targets, rank=1).items():
                 up, down = self.factors[f"{prefix}.{name}"]
                 layer.requires_grad_(False)
@@ -207,7 +229,7 @@ class FusedModel:
 def merge_into(base: BaseModel) -> None:
     """Fold every LoRA adapter of ``base`` into its weights (the adapters disappear)."""
     with torch.no_grad():
-        for _, model, _ in base.lora_components():
+        for model in (base.text_encoder, base.unet):
             remove_lora(model, merge=True)
 
 

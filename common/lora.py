@@ -9,6 +9,13 @@ the base weights therefore do not change, and the adapter keys follow the PEFT /
 naming: ``<module path>.lora_A.weight`` ``[rank, in]`` and ``<module path>.lora_B.weight``
 ``[out, rank]``. With diffusers' ``load_lora_weights`` (alpha defaults to rank) the same
 tensors give the same scale-1 update.
+
+``LoRAConv2d`` does the same for a convolution (LoCon; not in METHOD.md, which adapts the
+attention linears only): ``lora_A`` is a convolution with the base's kernel, stride and
+padding to ``rank`` channels, ``lora_B`` a 1x1 convolution back, PEFT's layout
+(``[rank, in, kh, kw]`` and ``[out, rank, 1, 1]``). Seen as a linear map on im2col patches
+(``patches``) it is ``B A`` with ``A`` ``[rank, in * kh * kw]``, so gradient fusion solves it
+like any linear layer; ``set_factors`` and ``set_batched`` take those flattened factors.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from torch import nn
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_CONV_TARGETS = ("conv1", "conv2")  # the 3x3 convolutions of the UNet's ResNet blocks
 
 
 class LoRALinear(nn.Linear):
@@ -128,20 +136,159 @@ class LoRALinear(nn.Linear):
         return f"{self.in_features}->{self.out_features}, rank={self.rank}, scale={self.scale}"
 
 
-def target_linear_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Names of the linears of ``model`` that LoRA adapts, in module order.
+class LoRAConv2d(nn.Conv2d):
+    """A convolution with a low-rank adapter beside it (LoCon; see module docstring)."""
+
+    def __init__(self, base: nn.Conv2d, rank: int = 4, dropout: float = 0.0) -> None:
+        nn.Module.__init__(self)
+        if base.groups != 1 or base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise ValueError(
+                "LoRA on convolutions needs groups=1, zero padding given as numbers; this one "
+                f"has groups={base.groups}, padding={base.padding!r}, mode={base.padding_mode}"
+            )
+        kh, kw = base.kernel_size
+        patch = base.in_channels * kh * kw
+        if rank < 1 or rank > min(patch, base.out_channels):
+            raise ValueError(
+                f"LoRA rank {rank} is out of range for a {base.in_channels}->"
+                f"{base.out_channels} {kh}x{kw} convolution"
+            )
+        for attr in (
+            "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+            "transposed", "output_padding", "groups", "padding_mode",
+        ):  # fmt: skip
+            setattr(self, attr, getattr(base, attr))
+        self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
+        self.weight = base.weight
+        self.bias = base.bias
+        self.in_features = patch  # as a linear map on im2col patches
+        self.out_features = base.out_channels
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Conv2d(
+            self.in_channels, rank, self.kernel_size, self.stride, self.padding, self.dilation,
+            bias=False, device=dev, dtype=dt,
+        )  # fmt: skip
+        self.lora_B = nn.Conv2d(rank, self.out_channels, 1, bias=False, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = 1.0
+        self.batched: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.out_channels
+
+    def _down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        w = down.reshape(down.shape[0], self.in_channels, *self.kernel_size)
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._conv_forward(x, self.weight, self.bias)
+        if self.batched is not None:
+            ups, downs = self.batched  # [K, out, r], [K, r, in*kh*kw]: chunk k uses adapter k
+            chunks = x.to(downs.dtype).chunk(ups.shape[0])
+            lora = torch.cat(
+                [
+                    torch.einsum("or,brhw->bohw", up, self._down(xc, down))
+                    for xc, up, down in zip(chunks, ups, downs, strict=True)
+                ]
+            )
+            return out + lora.to(out.dtype)
+        if self.scale == 0.0:
+            return out
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return out + self.scale * lora.to(out.dtype)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, positions, in * kh * kw]``: the im2col inputs the layer multiplies, in
+        the order of ``weight.reshape(out, -1)``; ``conv(x) = patches(x) @ W^T`` (+ bias)."""
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        return cols.transpose(1, 2)
+
+    def set_batched(self, ups: list[torch.Tensor], downs: list[torch.Tensor]) -> None:
+        """One adapter per equal chunk of the batch, as ``LoRALinear.set_batched``."""
+        LoRALinear.set_batched(self, ups, downs)  # type: ignore[arg-type]
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B @ A`` in the base weight's shape ``[out, in, kh, kw]``."""
+        up = self.lora_B.weight.reshape(self.out_channels, -1)
+        down = self.lora_A.weight.reshape(self.rank, -1)
+        return (self.scale * (up @ down)).reshape(self.weight.shape)
+
+    def set_factors(self, up: torch.Tensor | None, down: torch.Tensor | None) -> None:
+        """Make the adapter ``up`` ``[out, R]`` @ ``down`` ``[R, in*kh*kw]``, or switch it off."""
+        self.batched = None
+        if up is None or down is None:
+            self.scale = 0.0
+            return
+        if (
+            up.shape[0] != self.out_features
+            or down.shape[1] != self.in_features
+            or up.shape[1] != down.shape[0]
+        ):
+            raise ValueError(
+                f"factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit a "
+                f"{self.in_channels}->{self.out_channels} {self.kernel_size} convolution"
+            )
+        dev, dt = self.weight.device, self.lora_A.weight.dtype
+        rank = down.shape[0]
+        if self.rank != rank:
+            self.lora_A = nn.Conv2d(
+                self.in_channels, rank, self.kernel_size, self.stride, self.padding,
+                self.dilation, bias=False, device=dev, dtype=dt,
+            )  # fmt: skip
+            self.lora_B = nn.Conv2d(rank, self.out_channels, 1, bias=False, device=dev, dtype=dt)
+            self.lora_A.requires_grad_(False)
+            self.lora_B.requires_grad_(False)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(down.reshape(self.lora_A.weight.shape))
+            self.lora_B.weight.copy_(up.reshape(self.lora_B.weight.shape))
+        self.scale = 1.0
+
+    def to_conv(self, merge: bool = False) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with the same base parameters (merged with the update if asked)."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, bias=self.bias is not None, device="meta",
+        )  # fmt: skip
+        conv.weight = self.weight
+        conv.bias = self.bias
+        if merge:
+            with torch.no_grad():
+                conv.weight.add_(self.delta_weight().to(conv.weight.dtype))
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, "
+            f"rank={self.rank}, scale={self.scale}"
+        )
+
+
+LoRALayer = LoRALinear | LoRAConv2d
+LORA_TYPES = (LoRALinear, LoRAConv2d)
+
+
+def target_layer_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Names of the layers of ``model`` that LoRA adapts, in module order.
 
     A name matches when it ends with one of ``targets``. For the UNet targets only the
     transformer blocks' attentions (``attn1``/``attn2``) count, which is what SD 1.x LoRA
-    adapts; CLIP's targets match every ``self_attn`` projection.
+    adapts; CLIP's targets match every ``self_attn`` projection. ``UNET_CONV_TARGETS`` match
+    the convolutions of the ResNet blocks (``...resnets.N.conv1`` / ``conv2``).
     """
+    conv = targets == UNET_CONV_TARGETS
+    kind = nn.Conv2d if conv else nn.Linear
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or ".lora_" in name:
+        if not isinstance(module, kind) or ".lora_" in name:
             continue
         if not any(name == t or name.endswith("." + t) for t in targets):
             continue
         if targets == UNET_TARGETS and ".attn1." not in name and ".attn2." not in name:
+            continue
+        if conv and ".resnets." not in name:
             continue
         names.append(name)
     return names
@@ -155,17 +302,19 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def inject_lora(
     model: nn.Module, targets: tuple[str, ...], rank: int = 4, dropout: float = 0.0
-) -> dict[str, LoRALinear]:
-    """Replace each target linear of ``model`` with a ``LoRALinear`` (a no-op until trained).
-
-    Returns ``{module path: adapter layer}`` in module order.
+) -> dict[str, LoRALayer]:
+    """Replace each target layer of ``model`` with a ``LoRALinear`` / ``LoRAConv2d`` (a no-op
+    until trained). Returns ``{module path: adapter layer}`` in module order.
     """
-    layers: dict[str, LoRALinear] = {}
-    for name in target_linear_names(model, targets):
+    layers: dict[str, LoRALayer] = {}
+    for name in target_layer_names(model, targets):
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LORA_TYPES):
             raise RuntimeError(f"{name} already carries a LoRA adapter; remove it first")
-        lora = LoRALinear(module, rank=rank, dropout=dropout)
+        if isinstance(module, nn.Conv2d):
+            lora: LoRALayer = LoRAConv2d(module, rank=rank, dropout=dropout)
+        else:
+            lora = LoRALinear(module, rank=rank, dropout=dropout)
         _set_submodule(model, name, lora)
         layers[name] = lora
     if not layers:
@@ -173,17 +322,18 @@ def inject_lora(
     return layers
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LORA_TYPES):
             yield name, module
 
 
 def remove_lora(model: nn.Module, merge: bool = False) -> int:
-    """Swap every ``LoRALinear`` back for a plain linear (merging its update if asked)."""
+    """Swap every adapter layer back for its plain layer (merging its update if asked)."""
     found = list(lora_layers(model))
     for name, module in found:
-        _set_submodule(model, name, module.to_linear(merge=merge))
+        plain = module.to_linear(merge) if isinstance(module, LoRALinear) else module.to_conv(merge)
+        _set_submodule(model, name, plain)
     return len(found)
 
 

@@ -3,10 +3,12 @@
 Tensors
     ``text_encoder.<path>.lora_A.weight`` ``[rank, in]`` / ``...lora_B.weight`` ``[out, rank]``
     ``unet.<path>.lora_A.weight`` / ``unet.<path>.lora_B.weight`` (PEFT / diffusers names)
+    optionally (LoCon, ``conv_rank`` > 0) the UNet ResNet convolutions' adapters
+    ``unet.<path>.conv1.lora_A.weight`` ``[conv_rank, in, kh, kw]`` / ``lora_B`` ``[out, conv_rank, 1, 1]``
     ``embeddings`` ``[words, layers, dim]`` (ED-LoRA: 2 x L; vanilla LoRA: 1 x 1)
 Header metadata (all strings)
     ``format`` = ``mix-of-show/concept``, ``format_version``, ``concept`` (``<dog1>``),
-    ``words`` (JSON list), ``class_word``, ``method``, ``rank``, ``num_layers``,
+    ``words`` (JSON list), ``class_word``, ``method``, ``rank``, ``conv_rank``, ``num_layers``,
     ``base_fingerprint``, ``base_source``, ``training`` (JSON), ``metrics`` (JSON)
 
 Files are written atomically (temporary file + rename): an interrupted write leaves nothing.
@@ -28,11 +30,12 @@ from .base import BaseModel
 from .concepts import Concept, ConceptError
 from .edlora import add_concept_tokens, write_embeddings
 from .files import atomic_write
-from .lora import inject_lora, load_lora_state_dict, target_linear_names
+from .lora import UNET_CONV_TARGETS, inject_lora, load_lora_state_dict, target_layer_names
 from .safecheck import HeaderError, check_header
 
 FORMAT = "mix-of-show/concept"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # packages with convolution adapters are version 2 (older builds refuse them)
+CONV_FORMAT_VERSION = 2
 ALLOWED_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
 MAX_PACKAGE_BYTES = 1 << 30  # 1 GiB; an SD 1.x rank-4 package is ~3.5 MB
 
@@ -51,17 +54,19 @@ class ConceptPackage:
     base_source: str = ""
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    conv_rank: int = 0  # rank of the ResNet-convolution adapters (0: none, METHOD.md's ED-LoRA)
 
     def metadata(self) -> dict[str, str]:
         c = self.concept
         return {
             "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(CONV_FORMAT_VERSION if self.conv_rank else FORMAT_VERSION),
             "concept": c.token,
             "words": json.dumps(c.words),
             "class_word": c.class_word,
             "method": c.method,
             "rank": str(self.rank),
+            "conv_rank": str(self.conv_rank),
             "num_layers": str(c.num_layers),
             "base_fingerprint": self.base_fingerprint,
             "base_source": self.base_source,
@@ -112,13 +117,15 @@ class ConceptPackage:
         if meta.get("format") != FORMAT:
             raise fail(f"not a Mix-of-Show concept package (format={meta.get('format')!r})")
         version = meta.get("format_version", "")
-        if version != str(FORMAT_VERSION):
+        if version not in (str(FORMAT_VERSION), str(CONV_FORMAT_VERSION)):
             raise fail(
                 f"package format version {version!r} is not supported (this build reads "
-                f"version {FORMAT_VERSION}); upgrade mix-of-show-flower or re-export the package"
+                f"versions {FORMAT_VERSION} and {CONV_FORMAT_VERSION}); upgrade "
+                "mix-of-show-flower or re-export the package"
             )
         try:
             rank = int(meta["rank"])
+            conv_rank = int(meta.get("conv_rank", "0"))
             num_layers = int(meta["num_layers"])
             words = json.loads(meta["words"])
             training = json.loads(meta.get("training", "{}"))
@@ -139,6 +146,10 @@ class ConceptPackage:
             raise fail(f"words {words} do not match concept {concept.token} ({concept.words})")
         if rank < 1:
             raise fail(f"rank {rank} must be >= 1")
+        if conv_rank < 0:
+            raise fail(f"conv_rank {conv_rank} must be >= 0")
+        if conv_rank and version != str(CONV_FORMAT_VERSION):
+            raise fail(f"conv_rank {conv_rank} needs format version {CONV_FORMAT_VERSION}")
         if "embeddings" not in tensors:
             raise fail("tensor 'embeddings' is missing")
         for key, t in tensors.items():
@@ -160,11 +171,14 @@ class ConceptPackage:
                 key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")
             ):
                 raise fail(f"unexpected tensor {key}")
-            if t.ndim != 2:
-                raise fail(f"tensor {key} must be 2-D, has shape {tuple(t.shape)}")
+            conv = t.ndim == 4 and prefix == "unet" and conv_rank > 0
+            if t.ndim != 2 and not conv:
+                what = "2-D" if not conv_rank else "2-D (4-D for UNet convolution adapters)"
+                raise fail(f"tensor {key} must be {what}, has shape {tuple(t.shape)}")
             r = t.shape[0] if key.endswith("lora_A.weight") else t.shape[1]
-            if r != rank:
-                raise fail(f"tensor {key} has rank {r}, metadata says rank {rank}")
+            want, label = (conv_rank, "conv_rank") if conv else (rank, "rank")
+            if r != want:
+                raise fail(f"tensor {key} has rank {r}, metadata says {label} {want}")
         for key in lora:
             other = (
                 key.replace(".lora_A.", ".lora_B.")
@@ -182,6 +196,7 @@ class ConceptPackage:
             base_source=meta.get("base_source", ""),
             training=training,
             metrics=metrics,
+            conv_rank=conv_rank,
         )
 
     def check_against(self, base: BaseModel, *, check_fingerprint: bool = True) -> None:
@@ -205,7 +220,7 @@ class ConceptPackage:
                 f"concept {c.token} has {self.embeddings.shape[-1]}-dim embeddings; this base's "
                 f"text encoder is {base.text_dim}-dim"
             )
-        expected = expected_lora_shapes(base, self.rank)
+        expected = expected_lora_shapes(base, self.rank, self.conv_rank)
         missing = sorted(set(expected) - set(self.lora))
         extra = sorted(set(self.lora) - set(expected))
         if missing or extra:
@@ -221,14 +236,21 @@ class ConceptPackage:
                 )
 
 
-def expected_lora_shapes(base: BaseModel, rank: int) -> dict[str, tuple[int, int]]:
+def expected_lora_shapes(
+    base: BaseModel, rank: int, conv_rank: int = 0
+) -> dict[str, tuple[int, ...]]:
     """The ``{key: shape}`` of every LoRA tensor a package for ``base`` must carry."""
-    shapes: dict[str, tuple[int, int]] = {}
-    for prefix, model, targets in base.lora_components():
-        for name in target_linear_names(model, targets):
-            lin = model.get_submodule(name)
-            shapes[f"{prefix}.{name}.lora_A.weight"] = (rank, lin.in_features)
-            shapes[f"{prefix}.{name}.lora_B.weight"] = (lin.out_features, rank)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for prefix, model, targets in base.lora_components(conv=conv_rank > 0):
+        for name in target_layer_names(model, targets):
+            layer = model.get_submodule(name)
+            if isinstance(layer, torch.nn.Conv2d):
+                a = (conv_rank, layer.in_channels, *layer.kernel_size)
+                b = (layer.out_channels, conv_rank, 1, 1)
+            else:
+                a, b = (rank, layer.in_features), (layer.out_features, rank)
+            shapes[f"{prefix}.{name}.lora_A.weight"] = a
+            shapes[f"{prefix}.{name}.lora_B.weight"] = b
     return shapes
 
 
@@ -241,7 +263,11 @@ def attach_package(base: BaseModel, package: ConceptPackage, concepts) -> None:
     package.check_against(base)
     add_concept_tokens(base, package.concept)
     write_embeddings(base, package.concept, package.embeddings)
-    for prefix, model, targets in base.lora_components():
-        inject_lora(model, targets, rank=package.rank)
+    models: dict[int, tuple[str, torch.nn.Module]] = {}
+    for prefix, model, targets in base.lora_components(conv=package.conv_rank > 0):
+        conv = targets == UNET_CONV_TARGETS
+        inject_lora(model, targets, rank=package.conv_rank if conv else package.rank)
+        models[id(model)] = (prefix, model)
+    for prefix, model in models.values():
         load_lora_state_dict(model, package.lora, prefix)
     concepts.add(package.concept)

@@ -7,9 +7,10 @@ Stages, in the paper's order (each later stage sees the already fused earlier on
    "TOK" (every layer-wise copy); the Gram matrix of every LoRA layer's input is recorded;
 3. cross-attention keys/values: the (fused) text encoder's outputs at the concept's token
    positions, copy ``l`` for layer ``l``;
-4. UNet spatial layers (attn1 q/k/v/out, attn2 q/out): each concept's model samples
-   "photo of a TOK" (DPM-Solver, ``steps`` steps, no guidance) and every step's inputs are
-   recorded.
+4. UNet spatial layers (attn1 q/k/v/out, attn2 q/out, and the ResNet convolutions when a
+   package adapts them, LoCon): each concept's model samples "photo of a TOK" (DPM-Solver,
+   ``steps`` steps, no guidance) and every step's inputs are recorded; a convolution's
+   inputs are its im2col patches, so it is solved as a linear map on them.
 
 Each stage is solved per layer with ``solve.solve_downs`` (exact, from Grams) or
 ``solve.lbfgs_reference`` (the authors' solver, on raw features). Layers whose inputs are the
@@ -39,7 +40,14 @@ from ..common.attention import cross_attention_layers
 from ..common.base import BaseModel
 from ..common.concepts import ConceptTable, encode_prompts, tokenize
 from ..common.edlora import add_concept_tokens, write_embeddings
-from ..common.lora import UNET_TARGETS, LoRALinear, inject_lora, target_linear_names
+from ..common.lora import (
+    UNET_CONV_TARGETS,
+    UNET_TARGETS,
+    LoRAConv2d,
+    LoRALayer,
+    inject_lora,
+    target_layer_names,
+)
 from ..common.package import ConceptPackage, PackageError
 from ..common.pipeline import MixOfShowPipeline
 from .recorder import GramRecorder
@@ -122,6 +130,8 @@ def kv_positions(
 
 
 def _role(leaf: str, parent: str) -> str:
+    if leaf in UNET_CONV_TARGETS:
+        return leaf  # each convolution reads its own input
     if leaf in ("q_proj", "k_proj", "v_proj"):
         return "qkv"
     if leaf in ("out_proj", "to_out.0"):
@@ -134,8 +144,10 @@ def _role(leaf: str, parent: str) -> str:
 class FusionEngine:
     """Holds a base with every concept attached and fuses them (see module docstring).
 
-    The base is modified: all concepts' tokens are added and every LoRA-target linear
-    becomes a ``LoRALinear`` whose factors are switched between concepts and fused results.
+    The base is modified: all concepts' tokens are added and every LoRA-target layer
+    becomes a ``LoRALinear`` (``LoRAConv2d``) whose factors are switched between concepts and
+    fused results. The ResNet convolutions are adapted once any package carries adapters
+    for them; concepts without get a zero update there.
     """
 
     def __init__(
@@ -151,21 +163,11 @@ class FusionEngine:
         self.packages: dict[str, ConceptPackage] = {}
         self.sources: dict[str, str] = {}
         self.num_layers = base.num_cross_attention_layers
-        self.layers: dict[str, LoRALinear] = {}
+        self.layers: dict[str, LoRALayer] = {}
         self.part_of: dict[str, str] = {}
-        kv_names = {
-            f"{n}.{t}" for n, _ in cross_attention_layers(base.unet) for t in ("to_k", "to_v")
-        }
+        self.conv = False
         for prefix, model, targets in base.lora_components():
-            for name, layer in inject_lora(model, targets, rank=1).items():
-                key = f"{prefix}.{name}"
-                layer.requires_grad_(False)
-                layer.scale = 0.0
-                self.layers[key] = layer
-                if targets != UNET_TARGETS:
-                    self.part_of[key] = "text"
-                else:
-                    self.part_of[key] = "kv" if name in kv_names else "spatial"
+            self._inject(prefix, model, targets)
         self.groups = self._groups()
         # independent mode: each concept's Gram matrices, kept in host memory (concept -> part ->
         # group -> G) so adding or removing a concept needs no re-recording
@@ -173,6 +175,44 @@ class FusionEngine:
         self._raw: dict[str, dict[str, list[torch.Tensor]]] = {}  # L-BFGS only
         for i, pkg in enumerate(packages):
             self.add(pkg, (sources or [None] * len(packages))[i])
+
+    def _inject(self, prefix: str, model: torch.nn.Module, targets: tuple[str, ...]) -> None:
+        kv_names = {
+            f"{n}.{t}" for n, _ in cross_attention_layers(self.base.unet) for t in ("to_k", "to_v")
+        }
+        for name, layer in inject_lora(model, targets, rank=1).items():
+            key = f"{prefix}.{name}"
+            layer.requires_grad_(False)
+            layer.scale = 0.0
+            self.layers[key] = layer
+            if targets not in (UNET_TARGETS, UNET_CONV_TARGETS):
+                self.part_of[key] = "text"
+            else:
+                self.part_of[key] = "kv" if name in kv_names else "spatial"
+
+    def _add_conv_layers(self) -> None:
+        """Adapt the ResNet convolutions too; spatial statistics recorded without them are
+        incomplete and dropped (the next fusion records them again)."""
+        self._inject("unet", self.base.unet, UNET_CONV_TARGETS)
+        self.conv = True
+        self.groups = self._groups()
+        # a convolution's Gram matrix is (in * kh * kw)^2: SD 1.5's 44 take 23 GB in fp32
+        itemsize = 8 if self.config.gram_dtype == "float64" else 4
+        size = sum(
+            layer.in_features**2 * itemsize
+            for key, layer in self.layers.items()
+            if isinstance(layer, LoRAConv2d)
+        )
+        log.log(
+            logging.WARNING if size > 8 * 1024**3 else logging.INFO,
+            "convolution adapters: their Gram matrices take %.2f GB on %s (--gram-dtype "
+            "float32 halves it)",
+            size / 1024**3,
+            self.base.device,
+        )
+        for name, cache in self._cache.items():
+            if cache.pop("spatial", None) is not None:
+                log.info("%s: spatial statistics dropped (convolution adapters added)", name)
 
     # --- concepts ---------------------------------------------------------------------
     def add(self, package: ConceptPackage, source: str | None = None) -> None:
@@ -184,6 +224,8 @@ class FusionEngine:
                 f"{source}: concept {package.concept.token} is already taken by {self.sources[name]}"
             )
         package.check_against(self.base)
+        if package.conv_rank and not self.conv:
+            self._add_conv_layers()
         vocab = self.base.tokenizer.get_vocab()
         if not all(t in vocab for t in package.concept.all_tokens()):
             add_concept_tokens(self.base, package.concept)
@@ -237,15 +279,24 @@ class FusionEngine:
 
     # --- model states -----------------------------------------------------------------
     def concept_factors(self, name: str) -> Factors:
+        """``{layer: (up [out, r], down [r, in])}`` of a concept (convolutions flattened to
+        im2col form; a layer the package does not adapt gets a zero rank-1 update)."""
         lora = self.packages[name].lora
         device = self.base.device
-        return {
-            key: (
-                lora[f"{key}.lora_B.weight"].to(device, torch.float32),
-                lora[f"{key}.lora_A.weight"].to(device, torch.float32),
+        out: Factors = {}
+        for key, layer in self.layers.items():
+            if f"{key}.lora_A.weight" not in lora:
+                out[key] = (
+                    torch.zeros(layer.out_features, 1, device=device),
+                    torch.zeros(1, layer.in_features, device=device),
+                )
+                continue
+            up, down = lora[f"{key}.lora_B.weight"], lora[f"{key}.lora_A.weight"]
+            out[key] = (
+                up.reshape(up.shape[0], -1).to(device, torch.float32),
+                down.reshape(down.shape[0], -1).to(device, torch.float32),
             )
-            for key in self.layers
-        }
+        return out
 
     def apply(self, factors: Factors | None, parts: Sequence[str] = PARTS) -> None:
         """Set the adapters of ``parts`` to ``factors`` (``None``: the plain base there)."""
@@ -259,8 +310,8 @@ class FusionEngine:
 
     def _groups(self) -> dict[str, Group]:
         groups: dict[str, Group] = {}
-        for prefix, model, targets in self.base.lora_components():
-            for name in target_linear_names(model, targets):
+        for prefix, model, targets in self.base.lora_components(conv=self.conv):
+            for name in target_layer_names(model, targets):
                 leaf = next(t for t in targets if name == t or name.endswith("." + t))
                 parent = name[: -len(leaf) - 1]
                 key = f"{prefix}.{parent}.{_role(leaf, parent)}"

@@ -48,6 +48,12 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d["steps"], help="ED-LoRA steps on each client")
     p.add_argument("--resolution", type=int, default=0, help="training px (0: native)")
     p.add_argument("--rank", type=int, default=d["rank"])
+    p.add_argument(
+        "--conv-rank",
+        type=int,
+        default=d["conv-rank"],
+        help="clients also adapt the UNet's ResNet convolutions at this rank (LoCon; 0: off)",
+    )
     p.add_argument("--lr-embedding", type=float, default=d["lr-embedding"])
     p.add_argument("--lr-text", type=float, default=d["lr-text"], help="text-encoder LoRA lr")
     p.add_argument("--lr-unet", type=float, default=d["lr-unet"], help="UNet LoRA lr")
@@ -73,6 +79,7 @@ def _overrides(args: argparse.Namespace, state: Path, **more) -> dict:
         "steps": args.steps,
         "resolution": args.resolution,
         "rank": args.rank,
+        "conv-rank": args.conv_rank,
         "lr-embedding": args.lr_embedding,
         "lr-text": args.lr_text,
         "lr-unet": args.lr_unet,

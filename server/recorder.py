@@ -1,7 +1,8 @@
 """Feature capture for gradient fusion: Gram matrices accumulated in forward hooks.
 
 ``GramRecorder`` owns its hooks (nothing module-level), registers them on entry and removes
-them in ``finally``. For each watched module it adds ``x^T x`` of the module's input to a
+them in ``finally``. For each watched module it adds ``x^T x`` of the module's input (a
+convolution adapter's im2col ``patches``) to a
 ``[d, d]`` Gram matrix on the module's device (fp64 by default), so memory is
 ``O(sum of d^2)`` whatever the number of tokens, steps or concepts. With ``keep_raw`` it
 also keeps the raw inputs in host memory, as the reference implementation does; only the
@@ -86,9 +87,12 @@ class GramRecorder:
     def __enter__(self) -> GramRecorder:
         try:
             for key, module in self.modules.items():
+                patches = getattr(module, "patches", None)  # LoRAConv2d: im2col rows
                 self._handles.append(
                     module.register_forward_pre_hook(
-                        lambda _m, args, key=key: self.add(key, args[0])
+                        lambda _m, args, key=key, f=patches: self.add(
+                            key, f(args[0]) if f is not None else args[0]
+                        )
                     )
                 )
         except BaseException:

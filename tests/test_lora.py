@@ -8,7 +8,7 @@ from mos.common.lora import (
     load_lora_state_dict,
     lora_state_dict,
     remove_lora,
-    target_linear_names,
+    target_layer_names,
 )
 
 
@@ -34,9 +34,9 @@ def test_lora_is_a_noop_at_step_zero(tiny):
 
 def test_targets_match_the_method(tiny):
     te_prefix, te, te_targets = tiny.lora_components()[0]
-    te_names = target_linear_names(te, te_targets)
+    te_names = target_layer_names(te, te_targets)
     assert len(te_names) == 4 * te.config.num_hidden_layers
-    unet_names = target_linear_names(tiny.unet, tiny.lora_components()[1][2])
+    unet_names = target_layer_names(tiny.unet, tiny.lora_components()[1][2])
     # to_q/to_k/to_v/to_out.0 of attn1 and attn2 in every transformer block; no VAE, no resnets
     n_blocks = sum(1 for n, _ in tiny.unet.named_modules() if n.endswith("transformer_blocks.0"))
     assert len(unet_names) == n_blocks * 2 * 4
