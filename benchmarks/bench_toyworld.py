@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--steps", type=int, default=ev.TOY_TRAINING["steps"], help="tuning steps per concept"
     )
+    p.add_argument(
+        "--conv-rank",
+        type=int,
+        default=0,
+        help="also tune LoRA on the UNet's ResNet convolutions at this rank (LoCon; 0: the "
+        "paper's ED-LoRA), for every tuning of the run",
+    )
     p.add_argument("--samples", type=int, default=16, help="samples per concept and model")
     p.add_argument("--placement-seeds", type=int, default=10)
     p.add_argument("--fuse-n", type=int, nargs="+", default=[2, 5, 8])
@@ -105,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     names = args.concepts
     fuse_n = [n for n in args.fuse_n if n <= len(names)]
     t0 = time.time()
-    result: dict = {"concepts": names, "steps": args.steps, "samples": args.samples}
+    result: dict = {
+        "concepts": names,
+        "steps": args.steps,
+        "conv_rank": args.conv_rank,
+        "samples": args.samples,
+    }
 
     base_pipe = ev.MixOfShowPipeline(ev.toy_base())
     # $MOS_TOY_WEIGHTS names another toy base (e.g. one trained on a GPU) than the committed one
@@ -127,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = [world.concept_photos(name, 1, seed=0, size=32)[0], base_imgs[0]]
         for method in ("edlora", "lora"):
             start = time.time()
-            cfg = ev.toy_train_config(method=method, steps=args.steps, seed=0)
+            cfg = ev.toy_train_config(
+                method=method, steps=args.steps, conv_rank=args.conv_rank, seed=0
+            )
             pkg = ev.tune(name, cfg)
             packages[method][name] = pkg
             pipe = ev.single_concept_pipeline(pkg)
@@ -226,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_annotated:
             placed = sorted({k for g in groups for k in g}, key=names.index)
             log.info("tuning %s on captioned and masked photos", ", ".join(placed))
-            cfg = ev.toy_train_config(steps=args.steps, seed=0)
+            cfg = ev.toy_train_config(steps=args.steps, conv_rank=args.conv_rank, seed=0)
             pkgs = [ev.tune(k, cfg, captions=True, masks=True) for k in placed]
             res = FusionEngine(ev.toy_base(), pkgs, FusionConfig()).fuse(progress=False)
             pipe = ev.fused_pipeline(FusedModel.from_packages(res.strategy, res.factors, pkgs))
@@ -251,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(r: dict) -> str:
+    conv = f" with LoRA on the ResNet convolutions at rank {r['conv_rank']} (LoCon)"
     lines = [
-        f"Concepts: {', '.join(r['concepts'])}; {r['steps']} tuning steps; {r['samples']} samples each; {r['seconds']} s in all.",
+        f"Concepts: {', '.join(r['concepts'])}; {r['steps']} tuning steps"
+        f"{conv if r.get('conv_rank') else ''}; {r['samples']} samples each; {r['seconds']} s in all.",
         "",
     ]
     if "base" in r:  # absent in results written before it was recorded

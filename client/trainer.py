@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..common.attention import AttentionMapRecorder, layerwise_cross_attention
-from ..common.base import BaseModel, denoising_target
+from ..common.base import BaseModel, BaseModelError, denoising_target
 from ..common.concepts import Concept, ConceptTable, encode_prompts, tokenize
 from ..common.config import TrainConfig
 from ..common.edlora import add_concept_tokens, initial_embeddings, trainable_rows
-from ..common.lora import UNET_CONV_TARGETS, inject_lora, lora_state_dict
+from ..common.lora import UNET_CONV_TARGETS, inject_lora, lora_state_dict, target_layer_names
 from ..common.package import ConceptPackage
 from .data import PLACEHOLDER, Photo, photo_tensors
 
@@ -152,6 +152,33 @@ def attention_regularisation(
     return torch.stack(losses).mean()
 
 
+def check_ranks(base: BaseModel, config: TrainConfig) -> None:
+    """Refuse a LoRA rank larger than the smallest adapted layer of ``base`` allows."""
+    for option, rank, conv in (
+        ("--rank", config.rank, False),
+        ("--conv-rank", config.conv_rank, True),
+    ):
+        if not rank:
+            continue
+        sizes = []
+        for _, model, targets in base.lora_components(conv=conv):
+            if (targets == UNET_CONV_TARGETS) != conv:
+                continue
+            for name in target_layer_names(model, targets):
+                layer = model.get_submodule(name)
+                if conv:
+                    kh, kw = layer.kernel_size
+                    sizes.append((layer.in_channels * kh * kw, layer.out_channels))
+                else:
+                    sizes.append((layer.in_features, layer.out_features))
+        limit = min(min(s) for s in sizes)
+        if rank > limit:
+            raise BaseModelError(
+                f"{option} {rank} is too large for this base model: its smallest adapted "
+                f"layer allows rank {limit} at most"
+            )
+
+
 def train_concept(
     base: BaseModel,
     photos: list[Photo],
@@ -167,6 +194,7 @@ def train_concept(
     Deterministic for a given ``config.seed`` (LoRA initialisation and dropout included);
     the caller's global RNG state is left as it was.
     """
+    check_ranks(base, config)
     devices = [base.device] if base.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)

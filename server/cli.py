@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact normal equations, or the reference's L-BFGS (slow; for comparison)",
     )
     p.add_argument("--steps", type=int, default=20, help="sampling steps recorded per concept")
-    p.add_argument("--samples", type=int, default=1, help="images sampled per concept")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="images sampled per concept in stage 4 (default 1; 8 when convolution adapters "
+        "are fused)",
+    )
     p.add_argument(
         "--concept-batch",
         type=int,

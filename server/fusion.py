@@ -62,6 +62,7 @@ from .solve import (
 log = logging.getLogger(__name__)
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # target key -> (up, down)
+CONV_SAMPLES = 8  # stage-4 images per concept by default once convolutions are fused
 PARTS = ("text", "kv", "spatial")
 
 
@@ -74,7 +75,14 @@ class FusionConfig(_Model):
     solver: Literal["exact", "lbfgs"] = "exact"
     steps: int = Field(20, ge=1, le=1000, description="sampling steps recorded in stage 4")
     resolution: int | None = Field(None, ge=8, description="stage-4 sampling size (None: native)")
-    samples: int = Field(1, ge=1, le=64, description="images sampled per concept in stage 4")
+    samples: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="images sampled per concept in stage 4 (None: 1, or CONV_SAMPLES when "
+        "convolution adapters are fused: their im2col inputs are wide and a small latent has "
+        "few positions, measured in benchmarks/RESULTS.md)",
+    )
     concept_batch: int = Field(
         8, ge=1, le=256, description="concept models sampled together in one batch in stage 4"
     )
@@ -329,6 +337,13 @@ class FusionEngine:
         keep_raw = self.config.solver == "lbfgs"
         return GramRecorder(hooks, dtype=dtype, keep_raw=keep_raw, groups=groups, reduce=reduce)
 
+    @property
+    def stage4_samples(self) -> int:
+        """Images sampled per concept in stage 4 (``FusionConfig.samples``)."""
+        if self.config.samples is not None:
+            return self.config.samples
+        return CONV_SAMPLES if self.conv else 1
+
     # --- recording --------------------------------------------------------------------
     def prompts_of(self, name: str) -> list[str]:
         """The fusion prompts of a concept ("photo of a <dog1>", "<dog1>")."""
@@ -401,7 +416,7 @@ class FusionEngine:
         size = self.config.resolution or self.base.default_resolution
         factor = self.base.vae_scale_factor
         shape = (
-            self.config.samples,
+            self.stage4_samples,
             self.base.unet.config.in_channels,
             size // factor,
             size // factor,
@@ -417,7 +432,7 @@ class FusionEngine:
                     guidance_scale=1.0,
                     height=size,
                     width=size,
-                    num_images_per_prompt=self.config.samples,
+                    num_images_per_prompt=self.stage4_samples,
                     latents=noise.repeat(len(names), 1, 1, 1),
                     output_type="latent",
                 )

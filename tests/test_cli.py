@@ -52,6 +52,8 @@ def test_every_training_option_reaches_the_package(photo_dir, tmp_path):
         "5e-4",
         "--rank",
         "2",
+        "--conv-rank",
+        "3",
         "--batch-size",
         "3",
         "--lora-dropout",
@@ -87,6 +89,7 @@ def test_every_training_option_reaches_the_package(photo_dir, tmp_path):
     assert (t["lr_embedding"], t["lr_text_lora"], t["lr_unet_lora"]) == (0.002, 3e-5, 5e-4)
     assert (t["rank"], t["batch_size"], t["lora_dropout"], t["kv_dropout"]) == (2, 3, 0.1, 0.2)
     assert (t["seed"], t["resolution"], t["steps"], t["flip_p"]) == (7, 48, 2, 0.0)
+    assert t["conv_rank"] == 3 and ConceptPackage.load(out).conv_rank == 3
 
 
 def test_vanilla_lora_method(photo_dir, tmp_path):
@@ -127,6 +130,8 @@ def test_vanilla_lora_method(photo_dir, tmp_path):
         (["--concept", "dog1", "--steps", "0"], "--steps"),
         (["--concept", "dog1", "--resolution", "30"], "multiple of 8"),
         (["--concept", "dog1", "--kv-dropout", "1.5"], "--kv-dropout"),
+        (["--concept", "dog1", "--conv-rank", "-1"], "--conv-rank"),
+        (["--concept", "dog1", "--conv-rank", "200"], "--conv-rank 200 is too large"),
         (["--concept", "dog1", "--out", "x.bin"], ".safetensors"),
         (["--concept", "dog1", "--base-model", "nowhere/at-all-missing-dir/x"], "not found"),
     ],

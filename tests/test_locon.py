@@ -19,7 +19,7 @@ from mos.common.lora import UNET_CONV_TARGETS, LoRAConv2d, inject_lora, target_l
 from mos.common.package import ConceptPackage, PackageError
 from mos.common.pipeline import MixOfShowPipeline
 from mos.server.cli import main as fuse_main
-from mos.server.fusion import FusionConfig, FusionEngine
+from mos.server.fusion import CONV_SAMPLES, FusionConfig, FusionEngine
 from mos.server.recorder import GramRecorder
 from mos.server.report import fidelity
 from mos.server.solve import cross_term, solve_downs
@@ -99,7 +99,9 @@ def test_exact_solve_on_patches_equals_brute_force_least_squares():
         with GramRecorder({"c": layer}) as rec:
             layer(x)
         grams.append(rec.grams["c"])
-    new = solve_downs(sum(grams), [cross_term(a, gi) for a, gi in zip(downs, grams)], ridge=0)
+    new = solve_downs(
+        sum(grams), [cross_term(a, gi) for a, gi in zip(downs, grams, strict=True)], ridge=0
+    )
     fused = conv.weight.double() + (torch.cat(ups, 1).double() @ torch.cat(new)).reshape(
         conv.weight.shape
     )
@@ -242,9 +244,11 @@ def test_adding_a_convolution_concept_later_equals_fusing_from_scratch(locon_fil
     scratch = FusionEngine(build_tiny(), [sun, chk], config).fuse(progress=False).factors
     engine = FusionEngine(build_tiny(), [sun], config)
     engine.fuse(progress=False)
-    assert not engine.conv
+    assert not engine.conv and engine.stage4_samples == 1
     engine.add(chk)
-    assert engine.conv
+    # convolutions see wide im2col inputs: stage 4 samples more images unless told otherwise
+    assert engine.conv and engine.stage4_samples == CONV_SAMPLES > 1
+    assert FusionEngine(build_tiny(), [chk], FusionConfig(samples=2)).stage4_samples == 2
     later = engine.fuse(progress=False).factors
     assert later.keys() == scratch.keys()
     for k in scratch:
