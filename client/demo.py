@@ -164,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="ED-LoRA steps on each client (0: 300 on tiny, the toy settings on toy)",
     )
+    p.add_argument(
+        "--conv-rank",
+        type=int,
+        default=0,
+        help="clients also tune LoRA on the UNet's ResNet convolutions (LoCon, beyond the paper; "
+        "0: off); on toy, 16 with --steps 1000 draws the concepts more recognisably "
+        "(benchmarks/RESULTS.md)",
+    )
     p.add_argument("--clients", type=int, default=3, choices=(1, 2, 3))
     p.add_argument(
         "--base-model",
@@ -193,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             "--out",
             str(args.out),
             *training,
+            "--conv-rank",
+            str(args.conv_rank),
             "--base-model",
             args.base_model,
         ]
