@@ -208,7 +208,7 @@ class FusionEngine:
         itemsize = 8 if self.config.gram_dtype == "float64" else 4
         size = sum(
             layer.in_features**2 * itemsize
-            for key, layer in self.layers.items()
+            for layer in self.layers.values()
             if isinstance(layer, LoRAConv2d)
         )
         log.log(
