@@ -32,46 +32,40 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_CONV_TARGETS = ("conv1", "conv2")  # the 3x3 convolutions of the UNet's ResNet blocks
 
 
-class LoRALinear(nn.Linear):
-    """A linear layer with a low-rank adapter beside it (see module docstring)."""
+class _LowRank:
+    """What ``LoRALinear`` and ``LoRAConv2d`` share: the adapter seen as the flattened factors
+    ``up`` ``[out, R]`` @ ``down`` ``[R, in_features]``, switchable between models."""
 
-    def __init__(self, base: nn.Linear, rank: int = 4, dropout: float = 0.0) -> None:
-        nn.Module.__init__(self)
-        if rank < 1 or rank > min(base.in_features, base.out_features):
-            raise ValueError(
-                f"LoRA rank {rank} is out of range for a {base.in_features}->"
-                f"{base.out_features} layer"
-            )
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+    lora_A: nn.Module
+    lora_B: nn.Module
+    scale: float
+    batched: tuple[torch.Tensor, torch.Tensor] | None
+
+    def _adapter_pair(
+        self, rank: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.weight.shape[0]
+
+    def _init_adapter(self, rank: int, dropout: float) -> None:
+        if rank < 1 or rank > min(self.in_features, self.out_features):
+            raise ValueError(f"LoRA rank {rank} is out of range for a {self._describe()}")
+        self.lora_A, self.lora_B = self._adapter_pair(rank, self.weight.device, self.weight.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = 1.0
         # per-sample-group adapters (fusion samples several concept models in one batch)
-        self.batched: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        if self.batched is not None:
-            ups, downs = self.batched  # [K, out, r], [K, r, in]: batch chunk k uses adapter k
-            k = ups.shape[0]
-            xs = x.reshape(k, -1, x.shape[-1]).to(downs.dtype)
-            lora = (xs @ downs.transpose(1, 2)) @ ups.transpose(1, 2)
-            return out + lora.reshape(out.shape).to(out.dtype)
-        if self.scale == 0.0:
-            return out
-        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return out + self.scale * lora.to(out.dtype)
+        self.batched = None
 
     def set_batched(self, ups: list[torch.Tensor], downs: list[torch.Tensor]) -> None:
         """One adapter per equal chunk of the batch: chunk ``k`` gets ``ups[k] @ downs[k]``.
@@ -88,10 +82,6 @@ class LoRALinear(nn.Linear):
             d[i, : down.shape[0]] = down
         self.batched = (u, d)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scale * B @ A``, the update this adapter adds to ``weight``."""
-        return self.scale * (self.lora_B.weight @ self.lora_A.weight)
-
     def set_factors(self, up: torch.Tensor | None, down: torch.Tensor | None) -> None:
         """Make the adapter ``up @ down`` (any rank), or switch it off with ``None``."""
         self.batched = None
@@ -104,20 +94,61 @@ class LoRALinear(nn.Linear):
             or up.shape[1] != down.shape[0]
         ):
             raise ValueError(
-                f"factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit a "
-                f"{self.in_features}->{self.out_features} layer"
+                f"factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit a {self._describe()}"
             )
-        dev, dt = self.weight.device, self.lora_A.weight.dtype
-        if self.lora_A.weight.shape != down.shape:
-            rank = down.shape[0]
-            self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
-            self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
+        if self.rank != down.shape[0]:
+            dev, dt = self.weight.device, self.lora_A.weight.dtype
+            self.lora_A, self.lora_B = self._adapter_pair(down.shape[0], dev, dt)
             self.lora_A.requires_grad_(False)
             self.lora_B.requires_grad_(False)
         with torch.no_grad():
-            self.lora_A.weight.copy_(down)
-            self.lora_B.weight.copy_(up)
+            self.lora_A.weight.copy_(down.reshape(self.lora_A.weight.shape))
+            self.lora_B.weight.copy_(up.reshape(self.lora_B.weight.shape))
         self.scale = 1.0
+
+    def delta_matrix(self) -> torch.Tensor:
+        """``scale * B @ A`` as ``[out, in_features]``."""
+        up = self.lora_B.weight.reshape(self.out_features, -1)
+        return self.scale * (up @ self.lora_A.weight.reshape(self.rank, -1))
+
+
+class LoRALinear(_LowRank, nn.Linear):
+    """A linear layer with a low-rank adapter beside it (see module docstring)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4, dropout: float = 0.0) -> None:
+        nn.Module.__init__(self)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self._init_adapter(rank, dropout)
+
+    def _adapter_pair(
+        self, rank: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[nn.Module, nn.Module]:
+        a = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        b = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        return a, b
+
+    def _describe(self) -> str:
+        return f"{self.in_features}->{self.out_features} layer"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.batched is not None:
+            ups, downs = self.batched  # [K, out, r], [K, r, in]: batch chunk k uses adapter k
+            k = ups.shape[0]
+            xs = x.reshape(k, -1, x.shape[-1]).to(downs.dtype)
+            lora = (xs @ downs.transpose(1, 2)) @ ups.transpose(1, 2)
+            return out + lora.reshape(out.shape).to(out.dtype)
+        if self.scale == 0.0:
+            return out
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return out + self.scale * lora.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B @ A``, the update this adapter adds to ``weight``."""
+        return self.delta_matrix()
 
     def to_linear(self, merge: bool = False) -> nn.Linear:
         """A plain ``nn.Linear`` with the same base parameters (merged with the update if asked)."""
@@ -136,7 +167,7 @@ class LoRALinear(nn.Linear):
         return f"{self.in_features}->{self.out_features}, rank={self.rank}, scale={self.scale}"
 
 
-class LoRAConv2d(nn.Conv2d):
+class LoRAConv2d(_LowRank, nn.Conv2d):
     """A convolution with a low-rank adapter beside it (LoCon; see module docstring)."""
 
     def __init__(self, base: nn.Conv2d, rank: int = 4, dropout: float = 0.0) -> None:
@@ -146,13 +177,6 @@ class LoRAConv2d(nn.Conv2d):
                 "LoRA on convolutions needs groups=1, zero padding given as numbers; this one "
                 f"has groups={base.groups}, padding={base.padding!r}, mode={base.padding_mode}"
             )
-        kh, kw = base.kernel_size
-        patch = base.in_channels * kh * kw
-        if rank < 1 or rank > min(patch, base.out_channels):
-            raise ValueError(
-                f"LoRA rank {rank} is out of range for a {base.in_channels}->"
-                f"{base.out_channels} {kh}x{kw} convolution"
-            )
         for attr in (
             "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
             "transposed", "output_padding", "groups", "padding_mode",
@@ -161,23 +185,24 @@ class LoRAConv2d(nn.Conv2d):
         self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
         self.weight = base.weight
         self.bias = base.bias
-        self.in_features = patch  # as a linear map on im2col patches
+        kh, kw = base.kernel_size
+        self.in_features = base.in_channels * kh * kw  # as a linear map on im2col patches
         self.out_features = base.out_channels
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Conv2d(
-            self.in_channels, rank, self.kernel_size, self.stride, self.padding, self.dilation,
-            bias=False, device=dev, dtype=dt,
-        )  # fmt: skip
-        self.lora_B = nn.Conv2d(rank, self.out_channels, 1, bias=False, device=dev, dtype=dt)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale = 1.0
-        self.batched: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._init_adapter(rank, dropout)
 
-    @property
-    def rank(self) -> int:
-        return self.lora_A.out_channels
+    def _adapter_pair(
+        self, rank: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[nn.Module, nn.Module]:
+        a = nn.Conv2d(
+            self.in_channels, rank, self.kernel_size, self.stride, self.padding, self.dilation,
+            bias=False, device=device, dtype=dtype,
+        )  # fmt: skip
+        b = nn.Conv2d(rank, self.out_channels, 1, bias=False, device=device, dtype=dtype)
+        return a, b
+
+    def _describe(self) -> str:
+        kh, kw = self.kernel_size
+        return f"{self.in_channels}->{self.out_channels} {kh}x{kw} convolution"
 
     def _down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         w = down.reshape(down.shape[0], self.in_channels, *self.kernel_size)
@@ -206,45 +231,9 @@ class LoRAConv2d(nn.Conv2d):
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         return cols.transpose(1, 2)
 
-    def set_batched(self, ups: list[torch.Tensor], downs: list[torch.Tensor]) -> None:
-        """One adapter per equal chunk of the batch, as ``LoRALinear.set_batched``."""
-        LoRALinear.set_batched(self, ups, downs)  # type: ignore[arg-type]
-
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` in the base weight's shape ``[out, in, kh, kw]``."""
-        up = self.lora_B.weight.reshape(self.out_channels, -1)
-        down = self.lora_A.weight.reshape(self.rank, -1)
-        return (self.scale * (up @ down)).reshape(self.weight.shape)
-
-    def set_factors(self, up: torch.Tensor | None, down: torch.Tensor | None) -> None:
-        """Make the adapter ``up`` ``[out, R]`` @ ``down`` ``[R, in*kh*kw]``, or switch it off."""
-        self.batched = None
-        if up is None or down is None:
-            self.scale = 0.0
-            return
-        if (
-            up.shape[0] != self.out_features
-            or down.shape[1] != self.in_features
-            or up.shape[1] != down.shape[0]
-        ):
-            raise ValueError(
-                f"factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit a "
-                f"{self.in_channels}->{self.out_channels} {self.kernel_size} convolution"
-            )
-        dev, dt = self.weight.device, self.lora_A.weight.dtype
-        rank = down.shape[0]
-        if self.rank != rank:
-            self.lora_A = nn.Conv2d(
-                self.in_channels, rank, self.kernel_size, self.stride, self.padding,
-                self.dilation, bias=False, device=dev, dtype=dt,
-            )  # fmt: skip
-            self.lora_B = nn.Conv2d(rank, self.out_channels, 1, bias=False, device=dev, dtype=dt)
-            self.lora_A.requires_grad_(False)
-            self.lora_B.requires_grad_(False)
-        with torch.no_grad():
-            self.lora_A.weight.copy_(down.reshape(self.lora_A.weight.shape))
-            self.lora_B.weight.copy_(up.reshape(self.lora_B.weight.shape))
-        self.scale = 1.0
+        return self.delta_matrix().reshape(self.weight.shape)
 
     def to_conv(self, merge: bool = False) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with the same base parameters (merged with the update if asked)."""
