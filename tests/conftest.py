@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from mos.client.demo import draw_sprite_photo
 from mos.common.base import BaseModel, build_tiny
@@ -30,6 +31,47 @@ def make_photos(folder: Path, count: int = 3, size: int = 48, seed: int = 0) -> 
 @pytest.fixture
 def photo_dir(tmp_path: Path) -> Path:
     return make_photos(tmp_path / "photos")
+
+
+def sample_tensor(base: BaseModel, table, prompt: str, steps: int = 3) -> torch.Tensor:
+    """One seed-0 sample of ``prompt`` as a tensor (to compare two ways of loading a model)."""
+    from mos.common.pipeline import MixOfShowPipeline
+
+    return MixOfShowPipeline(base, table)(
+        prompt,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
+
+
+def shape_photos(folder: Path, kind: str, seed: int, count: int = 4) -> Path:
+    """Visibly different small 'concepts' at random places on random backgrounds (48 px):
+    ``disc`` (yellow), ``framed`` (a blue square with a white centre), ``stripes`` (red,
+    across the photo), ``checker`` (a red checkerboard patch: texture a convolution sees)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        img = Image.new("RGB", (48, 48), tuple(rng.randint(0, 255) for _ in range(3)))
+        d = ImageDraw.Draw(img)
+        x, y = rng.randint(4, 20), rng.randint(4, 20)
+        if kind == "disc":
+            d.ellipse((x, y, x + 24, y + 24), fill=(255, 220, 0))
+        elif kind == "framed":
+            d.rectangle((x, y, x + 24, y + 24), fill=(20, 20, 220))
+            d.rectangle((x + 8, y + 8, x + 16, y + 16), fill=(255, 255, 255))
+        elif kind == "stripes":
+            for k in range(0, 48, 8):
+                d.rectangle((k, 0, k + 3, 47), fill=(200, 0, 0))
+        elif kind == "checker":
+            for k in range(0, 24, 6):
+                for j in range(0, 24, 6):
+                    if (k + j) // 6 % 2 == 0:
+                        d.rectangle((x + k, y + j, x + k + 5, y + j + 5), fill=(240, 0, 0))
+        else:
+            raise ValueError(f"unknown photo kind {kind!r}")
+        img.save(folder / f"{i}.png")
+    return folder
 
 
 def random_package(base: BaseModel, name: str, seed: int = 0, rank: int = 2) -> ConceptPackage:

@@ -1,11 +1,9 @@
 import json
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from mos.client.data import load_photo_folder
 from mos.client.trainer import train_concept
@@ -13,7 +11,6 @@ from mos.common.base import build_tiny
 from mos.common.config import TrainConfig
 from mos.common.fused import FusedModel, load_fused_folder
 from mos.common.package import ConceptPackage
-from mos.common.pipeline import MixOfShowPipeline
 from mos.server.cli import main as fuse_main
 from mos.server.fusion import FusionConfig, FusionEngine
 from mos.server.recorder import GramRecorder
@@ -27,6 +24,7 @@ from mos.server.solve import (
     solve_downs,
     weight_fusion_factors,
 )
+from tests.conftest import sample_tensor, shape_photos
 
 # --- pure math ---------------------------------------------------------------------------
 
@@ -147,22 +145,7 @@ def test_weight_fusion_formula():
 
 def _concept_photos(kind: int, folder: Path) -> Path:
     """Three visibly different 'concepts': yellow discs, framed blue squares, red stripes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(kind)
-    for i in range(4):
-        img = Image.new("RGB", (48, 48), tuple(rng.randint(0, 255) for _ in range(3)))
-        d = ImageDraw.Draw(img)
-        x, y = rng.randint(4, 20), rng.randint(4, 20)
-        if kind == 0:
-            d.ellipse((x, y, x + 24, y + 24), fill=(255, 220, 0))
-        elif kind == 1:
-            d.rectangle((x, y, x + 24, y + 24), fill=(20, 20, 220))
-            d.rectangle((x + 8, y + 8, x + 16, y + 16), fill=(255, 255, 255))
-        else:
-            for k in range(0, 48, 8):
-                d.rectangle((k, 0, k + 3, 47), fill=(200, 0, 0))
-        img.save(folder / f"{i}.png")
-    return folder
+    return shape_photos(folder, ("disc", "framed", "stripes")[kind], seed=kind)
 
 
 @pytest.fixture(scope="module")
@@ -265,15 +248,9 @@ def test_compact_form_on_the_base_equals_the_fused_folder(concept_files, tmp_pat
     fresh = build_tiny()
     compact_table = compact.attach(fresh)
 
-    def sample(base, tab):
-        return MixOfShowPipeline(base, tab)(
-            "a photo of a <dog1> and a <toy3>",
-            num_inference_steps=3,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        )
-
-    assert torch.allclose(sample(folder_base, table), sample(fresh, compact_table), atol=1e-4)
+    prompt = "a photo of a <dog1> and a <toy3>"
+    want = sample_tensor(folder_base, table, prompt)
+    assert torch.allclose(want, sample_tensor(fresh, compact_table, prompt), atol=1e-4)
     with pytest.raises(Exception, match="made for base"):
         FusedModel.load_compact(out / "fused.safetensors").attach(build_tiny(seed=1))
 

@@ -1,12 +1,10 @@
 """LoRA on the UNet's ResNet convolutions (LoCon): the layer, packages, fusion, fused forms."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors import safe_open
 from torch import nn
 
@@ -23,6 +21,7 @@ from mos.server.fusion import CONV_SAMPLES, FusionConfig, FusionEngine
 from mos.server.recorder import GramRecorder
 from mos.server.report import fidelity
 from mos.server.solve import cross_term, solve_downs
+from tests.conftest import sample_tensor, shape_photos
 
 # --- the layer -----------------------------------------------------------------------------
 
@@ -118,24 +117,6 @@ def test_exact_solve_on_patches_equals_brute_force_least_squares():
 # --- packages, fusion and fused forms on tiny concept models ------------------------------
 
 
-def _photos(kind: int, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(kind)
-    for i in range(4):
-        img = Image.new("RGB", (48, 48), tuple(rng.randint(0, 255) for _ in range(3)))
-        d = ImageDraw.Draw(img)
-        x, y = rng.randint(4, 20), rng.randint(4, 20)
-        if kind == 0:
-            for k in range(0, 24, 6):  # a checkerboard patch: texture a convolution sees
-                for j in range(0, 24, 6):
-                    if (k + j) // 6 % 2 == 0:
-                        d.rectangle((x + k, y + j, x + k + 5, y + j + 5), fill=(240, 0, 0))
-        else:
-            d.ellipse((x, y, x + 24, y + 24), fill=(255, 220, 0))
-        img.save(folder / f"{i}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def locon_files(tmp_path_factory) -> list[Path]:
     """``chk1`` with convolution adapters (rank 2), ``sun2`` without."""
@@ -145,7 +126,8 @@ def locon_files(tmp_path_factory) -> list[Path]:
         config = TrainConfig(
             steps=40, batch_size=4, lr_unet_lora=3e-3, lr_text_lora=1e-3, conv_rank=conv_rank
         )
-        photos = load_photo_folder(_photos(kind, root / name))
+        kind_name = ("checker", "disc")[kind]
+        photos = load_photo_folder(shape_photos(root / name, kind_name, seed=kind))
         result = train_concept(build_tiny(), photos, name, cls, config, progress=False)
         files.append(result.package.save(root / f"{name}.safetensors"))
     return files
@@ -216,15 +198,9 @@ def test_mixed_packages_fuse_and_load_as_compact_and_folder(locon_files, tmp_pat
     compact_table = compact.attach(fresh)
     assert any(isinstance(m, LoRAConv2d) for m in fresh.unet.modules())
 
-    def sample(base, tab):
-        return MixOfShowPipeline(base, tab)(
-            "a photo of a <chk1> and a <sun2>",
-            num_inference_steps=3,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        )
-
-    assert torch.allclose(sample(folder_base, table), sample(fresh, compact_table), atol=1e-4)
+    prompt = "a photo of a <chk1> and a <sun2>"
+    want = sample_tensor(folder_base, table, prompt)
+    assert torch.allclose(want, sample_tensor(fresh, compact_table, prompt), atol=1e-4)
     # a base without the convolution layers' factors is refused, as are unknown layers
     partial = FusedModel(compact.strategy, dict(compact.factors), compact.concepts,
                          compact.embeddings, compact.base_fingerprint)  # fmt: skip
