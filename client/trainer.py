@@ -19,10 +19,11 @@ On return the base carries the concept (tokens, embeddings, adapters) so it can 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ from ..common.base import BaseModel, BaseModelError, denoising_target
 from ..common.concepts import Concept, ConceptTable, encode_prompts, tokenize
 from ..common.config import TrainConfig
 from ..common.edlora import add_concept_tokens, initial_embeddings, trainable_rows
-from ..common.lora import UNET_CONV_TARGETS, inject_lora, lora_state_dict, target_layer_names
+from ..common.lora import UNET_CONV_TARGETS, inject_lora, lora_state_dict
 from ..common.package import ConceptPackage
 from .data import PLACEHOLDER, Photo, photo_tensors
 
@@ -152,31 +153,13 @@ def attention_regularisation(
     return torch.stack(losses).mean()
 
 
-def check_ranks(base: BaseModel, config: TrainConfig) -> None:
-    """Refuse a LoRA rank larger than the smallest adapted layer of ``base`` allows."""
-    for option, rank, conv in (
-        ("--rank", config.rank, False),
-        ("--conv-rank", config.conv_rank, True),
-    ):
-        if not rank:
-            continue
-        sizes = []
-        for _, model, targets in base.lora_components(conv=conv):
-            if (targets == UNET_CONV_TARGETS) != conv:
-                continue
-            for name in target_layer_names(model, targets):
-                layer = model.get_submodule(name)
-                if conv:
-                    kh, kw = layer.kernel_size
-                    sizes.append((layer.in_channels * kh * kw, layer.out_channels))
-                else:
-                    sizes.append((layer.in_features, layer.out_features))
-        limit = min(min(s) for s in sizes)
-        if rank > limit:
-            raise BaseModelError(
-                f"{option} {rank} is too large for this base model: its smallest adapted "
-                f"layer allows rank {limit} at most"
-            )
+@contextlib.contextmanager
+def _rank_fits(option: str, rank: int) -> Iterator[None]:
+    """A rank the adapter layers refuse (larger than a layer allows) becomes a user error."""
+    try:
+        yield
+    except ValueError as err:
+        raise BaseModelError(f"{option} {rank} is too large for this base model ({err})") from err
 
 
 def train_concept(
@@ -194,7 +177,6 @@ def train_concept(
     Deterministic for a given ``config.seed`` (LoRA initialisation and dropout included);
     the caller's global RNG state is left as it was.
     """
-    check_ranks(base, config)
     devices = [base.device] if base.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
@@ -260,15 +242,17 @@ def _train(
 
     # --- trainable parameters ------------------------------------------------------
     te_prefix, _, te_targets = base.lora_components()[0]
-    te_layers = inject_lora(base.text_encoder, te_targets, config.rank, config.lora_dropout)
-    unet_layers = inject_lora(
-        base.unet, base.lora_components()[1][2], config.rank, config.lora_dropout
-    )
+    with _rank_fits("--rank", config.rank):
+        te_layers = inject_lora(base.text_encoder, te_targets, config.rank, config.lora_dropout)
+        unet_layers = inject_lora(
+            base.unet, base.lora_components()[1][2], config.rank, config.lora_dropout
+        )
     te_params = [p for x in te_layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
     if config.conv_rank:
-        unet_layers |= inject_lora(
-            base.unet, UNET_CONV_TARGETS, config.conv_rank, config.lora_dropout
-        )
+        with _rank_fits("--conv-rank", config.conv_rank):
+            unet_layers |= inject_lora(
+                base.unet, UNET_CONV_TARGETS, config.conv_rank, config.lora_dropout
+            )
     unet_params = [p for x in unet_layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
     gc = config.gradient_checkpointing
     if gc is None:

@@ -28,7 +28,7 @@ from .base import BaseModel, load_base_model
 from .concepts import Concept, ConceptError, ConceptTable
 from .edlora import add_concept_tokens, write_embeddings
 from .files import atomic_write
-from .lora import inject_lora, remove_lora, target_layer_names
+from .lora import UNET_CONV_TARGETS, inject_lora, remove_lora, target_layer_names
 from .package import ConceptPackage, PackageError
 from .safecheck import HeaderError, check_header
 
@@ -88,7 +88,9 @@ class FusedModel:
 
     def has_conv(self) -> bool:
         """Whether the fused update touches the UNet's ResNet convolutions (LoCon)."""
-        return any(k.endswith((".conv1", ".conv2")) and ".resnets." in k for k in self.factors)
+        return any(
+            ".resnets." in k and k.rsplit(".", 1)[-1] in UNET_CONV_TARGETS for k in self.factors
+        )
 
     def version(self) -> int:
         return FUSED_CONV_VERSION if self.has_conv() else FUSED_VERSION
