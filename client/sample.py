@@ -18,7 +18,8 @@ T2I-Adapters guide the layout with a keypose or sketch: ``--adapter DIR_OR_HUB_I
 ``--adapter-steps F`` keeps the guidance to the first fraction F of the steps.
 ``--native-views`` denoises a canvas wider or taller than the base's own resolution in
 overlapping windows of that resolution, each with the regions inside it (MultiDiffusion):
-on the toy base, which draws one object per canvas, it is what puts concepts in their boxes.
+on the toy base, which draws one object per canvas, it is what puts concepts in their boxes,
+and ``--view-overlap 0`` (side-by-side tiles) what keeps each of them whole.
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ class Scene(_Model):
     height: int | None = Field(None, ge=8, le=4096)
     native_views: bool = Field(
         False, description="denoise a canvas larger than the base's own in windows of its size"
+    )
+    view_overlap: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="with native_views: the fraction of a window its neighbour shares "
+        "(0: side-by-side tiles)",
     )
     adapter_steps: float = Field(
         1.0, ge=0, le=1, description="fraction of the steps (the first ones) with adapter guidance"
@@ -211,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="denoise a canvas larger than the base's own resolution in overlapping windows "
         "of that size (MultiDiffusion): for bases that draw one object per canvas",
     )
+    p.add_argument(
+        "--view-overlap",
+        type=float,
+        help="with --native-views: the fraction of a window its neighbour shares (0.5; 0: "
+        "side-by-side tiles, which keep each box's concept whole on the toy base)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
@@ -242,11 +256,16 @@ def scene_from_args(args: argparse.Namespace) -> Scene:
                 "weight": args.adapter_weight,
             }
         ]
-    for key in ("seed", "steps", "guidance", "width", "height", "native_views", "adapter_steps"):
+    keys = ("seed", "steps", "guidance", "width", "height", "native_views", "view_overlap")
+    for key in (*keys, "adapter_steps"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     if "prompt" not in data:
         raise UsageError("give --prompt (or a --scene with a prompt)")
+    if args.view_overlap is not None and not data.get("native_views"):
+        raise UsageError(
+            "--view-overlap sets how the --native-views windows overlap; add --native-views"
+        )
     try:
         return Scene.model_validate(data)
     except ValidationError as err:
@@ -307,6 +326,7 @@ def run(args: argparse.Namespace) -> Path:
             adapters=adapters,
             adapter_conditioning_factor=scene.adapter_steps,
             native_views=scene.native_views,
+            view_overlap=scene.view_overlap,
             progress=True,
         )
     out = (

@@ -24,7 +24,14 @@ from .base import BaseModel
 from .concepts import ConceptTable, encode_prompts
 from .lora import lora_layers
 from .package import ConceptPackage, attach_package
-from .regions import Region, crop_view, latent_sizes, region_masks, view_windows
+from .regions import (
+    Region,
+    crop_view,
+    latent_sizes,
+    region_masks,
+    view_stride,
+    view_windows,
+)
 
 
 class MixOfShowPipeline:
@@ -130,6 +137,7 @@ class MixOfShowPipeline:
         adapters: Sequence[AdapterCondition] = (),
         adapter_conditioning_factor: float = 1.0,
         native_views: bool = False,
+        view_overlap: float = 0.5,
     ) -> list[Image.Image] | torch.Tensor:
         """Sample; with ``regions`` each region's prompt is drawn in its box (METHOD.md
         section 3), the global prompt everywhere else. ``adapters`` add T2I-Adapter
@@ -139,7 +147,11 @@ class MixOfShowPipeline:
         ``native_views`` denoises a canvas larger than the base's own resolution in
         overlapping windows of that resolution, averaging their predictions (MultiDiffusion,
         as diffusers' panorama pipeline): each window sees the canvas size the base was
-        trained on, with the regions (and adapter features) that fall inside it."""
+        trained on, with the regions (and adapter features) that fall inside it.
+        ``view_overlap`` is the fraction of a window its neighbour shares (0.5, the
+        panorama pipeline's; 0: side-by-side tiles, each denoised on its own, which on the
+        toy base keeps every concept whole: a window that straddles two boxes sees half
+        of each and redraws them as one, benchmarks/RESULTS.md)."""
         b = self.base
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
@@ -158,6 +170,8 @@ class MixOfShowPipeline:
             raise ValueError(f"height and width must be multiples of {factor}")
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
+        if not 0.0 <= view_overlap < 1.0:
+            raise ValueError(f"view_overlap is a fraction in [0, 1); got {view_overlap}")
         if not 0.0 <= adapter_conditioning_factor <= 1.0:
             raise ValueError(
                 "adapter_conditioning_factor is the fraction of the steps with adapter "
@@ -177,8 +191,9 @@ class MixOfShowPipeline:
         else:
             attention = layerwise_cross_attention(b.unet)
         native = b.default_resolution // factor
+        align = 2 ** (levels - 1)
         views = (
-            view_windows(lh, lw, native, native // 2, align=2 ** (levels - 1))
+            view_windows(lh, lw, native, view_stride(native, view_overlap, align), align=align)
             if native_views
             else [(0, 0, lh, lw)]
         )

@@ -130,6 +130,15 @@ def view_windows(
     return views
 
 
+def view_stride(size: int, overlap: float, align: int = 1) -> int:
+    """The stride of ``size``-cell windows that share ``overlap`` of their width with their
+    neighbour, a multiple of ``align`` (0 < stride <= size)."""
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"the view overlap is a fraction in [0, 1); got {overlap}")
+    stride = round(size * (1.0 - overlap) / align) * align
+    return min(max(stride, align), size)
+
+
 def crop_view(
     t: torch.Tensor, view: tuple[int, int, int, int], full: tuple[int, int]
 ) -> torch.Tensor:

@@ -24,6 +24,7 @@ from mos.common.regions import (
     crop_view,
     latent_sizes,
     region_masks,
+    view_stride,
     view_windows,
 )
 
@@ -167,7 +168,17 @@ def test_crop_view_takes_the_same_window_at_every_level():
     assert torch.equal(cropped, box_mask(moved, 16, 16))
 
 
-def test_native_views_average_the_unet_over_windows_with_their_regions():
+def test_view_stride_is_the_aligned_step_between_windows_sharing_the_overlap():
+    assert view_stride(16, 0.5, 4) == 8 and view_stride(16, 0.0, 4) == 16  # halves; tiles
+    assert view_stride(16, 0.25, 4) == 12 and view_stride(16, 0.3, 4) == 12  # rounded to 4
+    assert view_stride(16, 0.95, 4) == 4  # never below one aligned step
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="fraction"):
+            view_stride(16, bad)
+
+
+@pytest.mark.parametrize("overlap", [0.5, 0.0])
+def test_native_views_average_the_unet_over_windows_with_their_regions(overlap):
     base = build_tiny()
     pipe = MixOfShowPipeline(base)
     native = base.default_resolution
@@ -189,11 +200,13 @@ def test_native_views_average_the_unet_over_windows_with_their_regions():
                     height=native, latents=lat.clone(), regions=regions, output_type="latent",
                     **kw)  # fmt: skip
 
-    got = one_step(native_views=True)
+    got = one_step(native_views=True, view_overlap=overlap)
     size = native // 2
     pred = torch.zeros_like(lat)
     count = torch.zeros_like(lat)
-    for x0 in view_windows(size, 2 * size, size, size // 2, align=4):
+    windows = view_windows(size, 2 * size, size, round(size * (1 - overlap)), align=4)
+    assert len(windows) == (3 if overlap else 2)  # tiles: one window per half
+    for x0 in windows:
         x0 = x0[1]
         inside = [
             r for r in regions if r.box[0] * 2 * size < x0 + size and r.box[2] * 2 * size > x0
@@ -209,6 +222,8 @@ def test_native_views_average_the_unet_over_windows_with_their_regions():
         count[..., x0 : x0 + size] += 1
     torch.testing.assert_close(got, pred / count, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, one_step(), atol=1e-4)  # not the whole-canvas sampler
+    other = one_step(native_views=True, view_overlap=0.5 - overlap)
+    assert not torch.allclose(got, other, atol=1e-4)  # the overlap is used
 
 
 @pytest.fixture
@@ -270,6 +285,15 @@ def test_mos_sample_native_views_are_kept_in_the_scene_and_change_a_wide_image(
     again = tmp_path / "again.png"
     assert main(["--model", str(compact_model), "--scene", str(views), "--out", str(again)]) == 0
     assert Image.open(again).tobytes() == Image.open(views).tobytes()
+    # side-by-side tiles: kept in the scene, another image
+    tiles = tmp_path / "tiles.png"
+    assert main([*args, "--native-views", "--view-overlap", "0", "--out", str(tiles)]) == 0
+    assert json.loads(Image.open(tiles).text[SCENE_KEY])["view_overlap"] == 0.0
+    assert scene["view_overlap"] == 0.5
+    assert Image.open(tiles).tobytes() != Image.open(views).tobytes()
+    again = tmp_path / "tiles-again.png"
+    assert main(["--model", str(compact_model), "--scene", str(tiles), "--out", str(again)]) == 0
+    assert Image.open(again).tobytes() == Image.open(tiles).tobytes()
 
 
 @pytest.mark.parametrize(
@@ -281,6 +305,8 @@ def test_mos_sample_native_views_are_kept_in_the_scene_and_change_a_wide_image(
         (["--prompt", "a <dog1>", "--region", "nobox"], "PROMPT@x0,y0,x1,y1"),
         (["--prompt", "   "], "empty"),
         (["--prompt", "a <dog1>", "--adapter-steps", "1.5"], "adapter_steps"),
+        (["--prompt", "a <dog1>", "--view-overlap", "0"], "add --native-views"),
+        (["--prompt", "a <dog1>", "--native-views", "--view-overlap", "1"], "view_overlap"),
     ],
 )
 def test_mos_sample_refuses_bad_input_clearly(tmp_path, compact_model, capsys, extra, message):
