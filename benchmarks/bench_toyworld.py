@@ -12,13 +12,15 @@ On the committed toy base (``--base-model toy``):
    (embedding only);
 3. single -> fused for N = 2, 5, 8: identity of each concept in the gradient-fused and the
    weight-fused model, and the mean drop from its single-concept model;
-4. regional sampling of 2 and 3 concepts side by side (from the N = 8 gradient-fused model):
+4. regional sampling of 2 and 3 concepts side by side (from each group's own gradient
+   fusion, or with ``--placement-from all`` from the N = 8 one):
    how often each concept is found in its own box and in no other, against one plain prompt
    naming them all; and the same regional samples from concepts tuned on annotated photos
    (captions naming the background, subject masks: ``world.concept_photos_annotated``),
    whose tokens are trained on the concept alone rather than on the whole photo; and both
    regional and plain again with the canvas denoised in native-size windows
-   (``native_views``) and the concepts' training caption as prompts ("a photo of a <TOK>").
+   (``native_views``, half overlapping, and as side-by-side tiles) and the concepts'
+   training caption as prompts ("a photo of a <TOK>").
 
 Writes ``--out``/toyworld.json, toyworld.md (the table for RESULTS.md) and PNG grids.
 """
@@ -98,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=16, help="samples per concept and model")
     p.add_argument("--placement-seeds", type=int, default=10)
     p.add_argument("--fuse-n", type=int, nargs="+", default=[2, 5, 8])
+    p.add_argument(
+        "--placement-from",
+        choices=("group", "all"),
+        default="group",
+        help="sample each placement group from its own gradient fusion (default) or from the "
+        "fusion of the largest --fuse-n",
+    )
     p.add_argument(
         "--no-annotated",
         action="store_true",
@@ -213,18 +222,25 @@ def main(argv: list[str] | None = None) -> int:
     def record(key: str, pl: ev.Placement) -> None:
         placement[key] = {
             "all_placed": pl.all_placed,
-            "in_own_box": pl.in_own_box,
+            "in_own_box": dict(zip(pl.names, pl.in_own_box, strict=True)),
             "own_beats_other": pl.own_beats_other,
         }
         grids.append((key, pl.images))
         log.info("%s: all placed %.2f", key, pl.all_placed)
 
     if fused8 is not None:
-        pipe = ev.fused_pipeline(fused8)
-        groups = [names[i : i + 2] for i in range(0, min(len(names), max(fuse_n)) - 1, 2)]
-        groups += [names[i : i + 3] for i in range(0, min(len(names), max(fuse_n)) - 2, 3)]
+        top = min(len(names), max(fuse_n))
+        groups = [names[i : i + 2] for i in range(0, top - 1, 2)]
+        groups += [names[i : i + 3] for i in range(0, top - 2, 3)]
+        pipe8 = ev.fused_pipeline(fused8)
         for group in groups:
-            for views in (False, True):
+            if args.placement_from == "all":
+                pipe = pipe8
+            else:  # the group's own gradient fusion, as a user composing them would fuse
+                pkgs = [packages["edlora"][k] for k in group]
+                res = FusionEngine(ev.toy_base(), pkgs, FusionConfig()).fuse(progress=False)
+                pipe = ev.fused_pipeline(FusedModel.from_packages(res.strategy, res.factors, pkgs))
+            for layout in ("whole", "views", "tiles"):
                 for regional in (True, False):
                     pl = ev.placement(
                         pipe,
@@ -232,10 +248,13 @@ def main(argv: list[str] | None = None) -> int:
                         args.placement_seeds,
                         seed=3,
                         regional=regional,
-                        views=views,
-                        photo_prompts=views,
+                        views=layout == "views",
+                        tiles=layout == "tiles",
+                        photo_prompts=layout != "whole",
                     )
-                    mode = ("views-" if views else "") + ("regional" if regional else "plain")
+                    mode = ("" if layout == "whole" else f"{layout}-") + (
+                        "regional" if regional else "plain"
+                    )
                     record(f"{'+'.join(group)}/{mode}", pl)
         if not args.no_annotated:
             placed = sorted({k for g in groups for k in g}, key=names.index)
@@ -247,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             for group in groups:
                 pl = ev.placement(pipe, group, args.placement_seeds, seed=3)
                 record(f"{'+'.join(group)}/annotated", pl)
+    result["placement_from"] = args.placement_from
     result["placement"] = placement
     result["seconds"] = round(time.time() - t0)
 
@@ -308,13 +328,17 @@ def markdown(r: dict) -> str:
     if r["placement"]:
         lines += [
             "",
-            "| placement: all concepts in own box, none elsewhere (scores highest in own box) | regional | plain prompt | regional, concepts tuned on annotated photos | regional, native views, training captions | plain prompt, native views, training caption |",
-            "|---|---|---|---|---|---|",
+            f"Placement from {_placement_source(r)}; native views half overlapping, tiles side "
+            "by side (one window per strip), both with the training captions as prompts.",
+            "",
+            "| placement: all concepts in own box, none elsewhere (scores highest in own box) | regional | plain prompt | regional, concepts tuned on annotated photos | regional, native views | plain prompt, native views | regional, tiles | plain prompt, tiles |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         groups = sorted({k.split("/")[0] for k in r["placement"]}, key=lambda g: (g.count("+"), g))
         for g in groups:
             cells = []
-            for mode in ("regional", "plain", "annotated", "views-regional", "views-plain"):
+            modes = ("regional", "plain", "annotated", "views-regional", "views-plain")
+            for mode in (*modes, "tiles-regional", "tiles-plain"):
                 d = r["placement"].get(f"{g}/{mode}")
                 if d is None:
                     cells.append("-")
@@ -324,7 +348,21 @@ def markdown(r: dict) -> str:
                     f"{d['all_placed']:.2f}" + (f" ({beats:.2f})" if beats is not None else "")
                 )
             lines.append(f"| {g} | " + " | ".join(cells) + " |")
+        tiles = {
+            k.split("/")[0]: d for k, d in r["placement"].items() if k.endswith("/tiles-regional")
+        }
+        if tiles and isinstance(next(iter(tiles.values()))["in_own_box"], dict):
+            lines += ["", "| regional, tiles: each concept in its own box | |", "|---|---|"]
+            for g, d in tiles.items():
+                own = ", ".join(f"{k} {v:.2f}" for k, v in d["in_own_box"].items())
+                lines.append(f"| {g} | {own} |")
     return "\n".join(lines) + "\n"
+
+
+def _placement_source(r: dict) -> str:
+    if r.get("placement_from", "all") == "group":
+        return "each group's own gradient fusion (N = 2 or 3)"
+    return f"the gradient fusion of N = {max(int(k.split('/')[0]) for k in r['fusion'])}"
 
 
 def _drop(d: dict) -> str:

@@ -45,6 +45,11 @@ TOY_TRAINING = {
     "lr_unet_lora": 1e-3,
     "flip_p": 0.0,
 }
+# LoRA on the UNet's ResNet convolutions too (LoCon, beyond the paper; ``mos-client
+# --conv-rank``): the toy base's ED-LoRA draws the concepts' colours but not their layout,
+# these settings draw it (identity 0.48 against 0.26; RESULTS.md, convolution adapters).
+# What ``mos-demo`` tunes on the toy base unless told ``--conv-rank 0``.
+TOY_LOCON = {"steps": 1000, "conv_rank": 16}
 # How the toy concepts' photo folders are annotated (``write_concept_folder``). Captions
 # naming the background and subject masks were measured and do not help here (with a mask
 # loss the background is free and fills with the concept's colours; RESULTS.md, toy world).
@@ -142,6 +147,7 @@ def samples(
     batch: int = 16,
     adapters: Sequence[AdapterCondition] = (),
     native_views: bool = False,
+    view_overlap: float = 0.5,
 ) -> list[Image.Image]:
     out: list[Image.Image] = []
     gen = torch.Generator().manual_seed(seed)
@@ -158,6 +164,7 @@ def samples(
             height=height,
             adapters=adapters,
             native_views=native_views,
+            view_overlap=view_overlap,
         )
     return out
 
@@ -221,6 +228,7 @@ def placement(
     views: bool = False,
     photo_prompts: bool = False,
     sketch_adapter: torch.nn.Module | None = None,
+    tiles: bool = False,
 ) -> Placement:
     """Sample ``names`` side by side (regional prompts in strips, or one plain prompt
     naming them all) and check where the detector finds each.
@@ -228,7 +236,8 @@ def placement(
     Prompts name a background ("a <ring> on an orange background"), or with
     ``photo_prompts`` are the concepts' training caption ("a photo of a <ring>", the
     global prompt "a photo of a <ring> and a <swiss>"). ``views`` denoises the wide canvas
-    in windows of the base's own size (the pipeline's ``native_views``). With
+    in windows of the base's own size (the pipeline's ``native_views``), half overlapping,
+    or with ``tiles`` side by side (``view_overlap=0``: one window per strip). With
     ``sketch_adapter`` (``train_adapter``) the samples are also guided by a sketch of each
     concept in its box (``world.concept_sketch``), as the paper's users sketch theirs."""
     boxes = side_by_side_boxes(len(names))
@@ -255,7 +264,8 @@ def placement(
         width=width,
         height=32,
         adapters=adapters,
-        native_views=views,
+        native_views=views or tiles,
+        view_overlap=0.0 if tiles else 0.5,
     )
     dets = {name: ConceptDetector(name) for name in names}
     own = [0] * len(names)
