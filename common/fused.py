@@ -28,7 +28,14 @@ from .base import BaseModel, load_base_model
 from .concepts import Concept, ConceptError, ConceptTable
 from .edlora import add_concept_tokens, write_embeddings
 from .files import atomic_write
-from .lora import UNET_CONV_TARGETS, inject_lora, remove_lora, target_layer_names
+from .lora import (
+    EARLIER_CONV_LAYOUT,
+    UNET_CONV_TARGETS,
+    earlier_conv_layout,
+    inject_lora,
+    remove_lora,
+    target_layer_names,
+)
 from .package import ConceptPackage, PackageError
 from .safecheck import HeaderError, check_header
 
@@ -209,6 +216,8 @@ class FusedModel:
                 f"this fused model lacks {len(missing)} layers of the base, e.g. {missing[:2]}"
             )
         unknown = sorted(set(self.factors) - layers)
+        if earlier_conv_layout(unknown):
+            raise PackageError(f"this fused model {EARLIER_CONV_LAYOUT}: fuse its concepts again")
         if unknown:
             raise PackageError(
                 f"this fused model has {len(unknown)} layers the base lacks, e.g. {unknown[:2]}"

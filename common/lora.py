@@ -21,7 +21,7 @@ like any linear layer; ``set_factors`` and ``set_batched`` take those flattened 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,11 @@ from torch import nn
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_CONV_TARGETS = ("conv1", "conv2")  # the 3x3 convolutions of the UNet's ResNet blocks
+# LoCon adapts the ResNet convolutions of the up (decoder) blocks only. The down blocks'
+# convolutions see mostly the noisy latent, the same for every concept, so their concept
+# updates collide in gradient fusion: on the toy world, adapting them too drew no better
+# alone and fused five concepts with 2.5x the loss (benchmarks/RESULTS.md).
+UNET_CONV_BLOCKS = "up_blocks."
 
 
 class _LowRank:
@@ -265,7 +270,7 @@ def target_layer_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     A name matches when it ends with one of ``targets``. For the UNet targets only the
     transformer blocks' attentions (``attn1``/``attn2``) count, which is what SD 1.x LoRA
     adapts; CLIP's targets match every ``self_attn`` projection. ``UNET_CONV_TARGETS`` match
-    the convolutions of the ResNet blocks (``...resnets.N.conv1`` / ``conv2``).
+    the convolutions of the up blocks' ResNets (``up_blocks.B.resnets.N.conv1`` / ``conv2``).
     """
     conv = targets == UNET_CONV_TARGETS
     kind = nn.Conv2d if conv else nn.Linear
@@ -277,10 +282,29 @@ def target_layer_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
             continue
         if targets == UNET_TARGETS and ".attn1." not in name and ".attn2." not in name:
             continue
-        if conv and ".resnets." not in name:
+        if conv and not (name.startswith(UNET_CONV_BLOCKS) and ".resnets." in name):
             continue
         names.append(name)
     return names
+
+
+def earlier_conv_layout(keys: Iterable[str]) -> list[str]:
+    """Keys of convolution adapters outside the up blocks: made by a version whose LoCon
+    also adapted the down and middle blocks (``UNET_CONV_BLOCKS``)."""
+    return sorted(
+        k
+        for k in keys
+        if ".resnets." in k
+        and any(f".{t}." in k or k.endswith(f".{t}") for t in UNET_CONV_TARGETS)
+        and not k.startswith("unet." + UNET_CONV_BLOCKS)
+    )
+
+
+EARLIER_CONV_LAYOUT = (
+    "adapts the convolutions of the down and middle blocks too, the LoCon layout of an "
+    "earlier version; this version adapts the up blocks' only (they fuse far better, "
+    "benchmarks/RESULTS.md)"
+)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

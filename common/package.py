@@ -30,7 +30,14 @@ from .base import BaseModel
 from .concepts import Concept, ConceptError
 from .edlora import add_concept_tokens, write_embeddings
 from .files import atomic_write
-from .lora import UNET_CONV_TARGETS, inject_lora, load_lora_state_dict, target_layer_names
+from .lora import (
+    EARLIER_CONV_LAYOUT,
+    UNET_CONV_TARGETS,
+    earlier_conv_layout,
+    inject_lora,
+    load_lora_state_dict,
+    target_layer_names,
+)
 from .safecheck import HeaderError, check_header
 
 FORMAT = "mix-of-show/concept"
@@ -223,6 +230,8 @@ class ConceptPackage:
         expected = expected_lora_shapes(base, self.rank, self.conv_rank)
         missing = sorted(set(expected) - set(self.lora))
         extra = sorted(set(self.lora) - set(expected))
+        if earlier_conv_layout(extra):
+            raise PackageError(f"concept {c.token} {EARLIER_CONV_LAYOUT}: tune it again")
         if missing or extra:
             raise PackageError(
                 f"concept {c.token}: LoRA layers do not match this base "

@@ -1,5 +1,6 @@
 """LoRA on the UNet's ResNet convolutions (LoCon): the layer, packages, fusion, fused forms."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,12 +75,14 @@ def test_conv_adapter_factors_and_batched_chunks():
         LoRAConv2d(conv, rank=7)
 
 
-def test_conv_targets_are_the_resnet_convolutions():
+def test_conv_targets_are_the_up_blocks_resnet_convolutions():
     unet = build_tiny().unet
     names = target_layer_names(unet, UNET_CONV_TARGETS)
     assert names and all(".resnets." in n and n.endswith((".conv1", ".conv2")) for n in names)
-    resnets = [m for n, m in unet.named_modules() if n.split(".")[-2:-1] == ["resnets"]]
-    assert len(names) == 2 * len(resnets)
+    resnets = [n for n, _ in unet.named_modules() if n.split(".")[-2:-1] == ["resnets"]]
+    up = [n for n in resnets if n.startswith("up_blocks.")]
+    assert up and len(up) < len(resnets)  # the down and middle blocks have ResNets too
+    assert sorted(names) == sorted(f"{n}.{c}" for n in up for c in ("conv1", "conv2"))
     layers = inject_lora(unet, UNET_CONV_TARGETS, rank=2)
     assert all(isinstance(x, LoRAConv2d) for x in layers.values())
 
@@ -173,6 +176,12 @@ def test_convolution_adapters_in_a_package_are_validated(locon_files):
     bad = {**tensors, key: tensors[key][:, :1].contiguous()}
     with pytest.raises(PackageError, match="this base needs"):
         ConceptPackage.from_parts(bad, meta).check_against(build_tiny())
+    # a package of the earlier layout (down-block convolutions too) is named as such
+    down = "unet.down_blocks.0.resnets.0.conv1"
+    earlier = {**tensors, f"{down}.lora_A.weight": torch.zeros(2, 32, 3, 3),
+               f"{down}.lora_B.weight": torch.zeros(32, 2, 1, 1)}  # fmt: skip
+    with pytest.raises(PackageError, match="earlier version.*tune it again"):
+        ConceptPackage.from_parts(earlier, meta).check_against(build_tiny())
 
 
 def test_fusing_one_convolution_concept_reproduces_its_model(locon_files):
@@ -194,6 +203,12 @@ def test_mixed_packages_fuse_and_load_as_compact_and_folder(locon_files, tmp_pat
     # exact rank: chk1's 2 plus sun2's zero rank-1 update
     assert conv_keys and {compact.factors[k][1].shape[0] for k in conv_keys} == {3}
     folder_base, table = load_fused_folder(out)
+    down = conv_keys[0].replace("up_blocks.", "down_blocks.")
+    earlier = dataclasses.replace(
+        compact, factors={**compact.factors, down: compact.factors[conv_keys[0]]}
+    )
+    with pytest.raises(PackageError, match="earlier version.*fuse its concepts again"):
+        earlier.attach(build_tiny())
     fresh = build_tiny()
     compact_table = compact.attach(fresh)
     assert any(isinstance(m, LoRAConv2d) for m in fresh.unet.modules())
