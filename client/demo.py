@@ -1,20 +1,22 @@
 """``mos-demo``: the README's main command, end to end on the built-in toy model.
 
 It draws eight "photos" of each of three toy concepts (a red-and-white checker square, a
-blue ring with a yellow centre, a white cross on red), one folder per client, and runs the
-federation on them with Flower's simulation engine (``mos-simulate``): each virtual client
-tunes its concept with ED-LoRA and uploads only its package; the server fuses them and
-sends the fused model back. It ends by composing the concepts side by side with regional
-sampling in native-size views (``composed.png``), checked with the toy world's detector. In
+disc half purple and half orange, a blue house with a red roof), one folder per client,
+and runs the federation on them with Flower's simulation engine (``mos-simulate``): each
+virtual client tunes its concept with ED-LoRA, plus LoRA on the UNet's convolutions
+(LoCon, ``--conv-rank 16``; ``--conv-rank 0`` is the paper's ED-LoRA alone), and uploads
+only its package; the server fuses them and sends the fused model back. It ends by
+composing the concepts side by side with regional sampling, each box in its own
+native-size window (``composed.png``), checked with the toy world's detector. In
 ``--out``:
 ``server/`` (registry, ``models/v1`` with the fused model and its fidelity report),
 ``clients/<name>/`` (each client's package and its copy of the fused model) and
 ``composed.png``.
 
-The toy model follows prompts (91% of held-out prompts) and its concepts come out in their
-colours with much of their layout. Regional sampling in native-size views draws each on its
-own side, but rarely every one at the detector's threshold in the same image
-(benchmarks/RESULTS.md, toy world); the demo says so.
+The toy model follows prompts (91% of held-out prompts). With LoCon its concepts come out
+recognisably (the paper's ED-LoRA alone draws their colours, not their layout), and each
+lands in its own box about as often as the fused model draws it alone; all three in the
+same image less often (benchmarks/RESULTS.md, toy world). The demo prints both.
 ``--base-model tiny`` runs it on the random-weight tiny model instead (three made-up
 concepts; every code path in seconds, samples are noise).
 """
@@ -115,7 +117,9 @@ def write_client_folders(root: Path, count: int = 6, size: int = 96) -> list[Pat
     return folders
 
 
-TOY_DEMO_CONCEPTS = ("checker", "ring", "swiss")
+# three concepts that LoCon draws well, in colours that tell them apart (the ring and the
+# swiss, the earlier trio, are the two that LoCon does not improve; RESULTS.md)
+TOY_DEMO_CONCEPTS = ("checker", "halfmoon", "house")
 
 
 def write_toy_folders(root: Path, count: int = 8) -> list[Path]:
@@ -137,9 +141,9 @@ def compose(out: Path, names: list[str], seeds: int = 4) -> Path:
     fused = FusedModel.load_compact(models[-1] / COMPACT_FILE)
     base = load_base_model("toy")
     pipe = MixOfShowPipeline(base, fused.attach(base))
-    # the concepts' training caption as prompts, the wide canvas denoised in windows of the
-    # base's own size: the setting that puts toy concepts in their boxes (RESULTS.md)
-    placed = ev.placement(pipe, names, seeds, seed=0, views=True, photo_prompts=True)
+    # the concepts' training caption as prompts, each box denoised in its own window of the
+    # base's size: the setting that puts toy concepts in their boxes whole (RESULTS.md)
+    placed = ev.placement(pipe, names, seeds, seed=0, tiles=True, photo_prompts=True)
     path = out / "composed.png"
     labels = [f"seed {k}" for k in range(seeds)]
     image_grid([placed.images], [" | ".join(f"<{n}>" for n in names)], labels).save(path)
@@ -162,15 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         type=int,
         default=0,
-        help="ED-LoRA steps on each client (0: 300 on tiny, the toy settings on toy)",
+        help="ED-LoRA steps on each client (0: 300 on tiny; on toy 1000 with LoCon, 400 without)",
     )
     p.add_argument(
         "--conv-rank",
         type=int,
-        default=0,
-        help="clients also tune LoRA on the UNet's ResNet convolutions (LoCon, beyond the paper; "
-        "0: off); on toy, 16 with --steps 1000 draws the concepts more recognisably "
-        "(benchmarks/RESULTS.md)",
+        help="clients also tune LoRA on the UNet's ResNet convolutions at this rank (LoCon, "
+        "beyond the paper; default 16 on toy, which draws the concepts recognisably with it, "
+        "0 on tiny; 0: the paper's ED-LoRA alone)",
     )
     p.add_argument("--clients", type=int, default=3, choices=(1, 2, 3))
     p.add_argument(
@@ -183,11 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     toy = args.base_model == "toy"
     training = ["--steps", str(args.steps or 300)]
+    conv_rank = args.conv_rank if args.conv_rank is not None else 0
     if toy:
-        from ..toyworld.evaluate import TOY_TRAINING
+        from ..toyworld.evaluate import TOY_LOCON, TOY_TRAINING
 
         t = TOY_TRAINING
-        training = ["--steps", str(args.steps or t["steps"]), "--lr-embedding",
+        if args.conv_rank is None:
+            conv_rank = TOY_LOCON["conv_rank"]
+        steps = args.steps or (TOY_LOCON["steps"] if conv_rank else t["steps"])
+        training = ["--steps", str(steps), "--lr-embedding",
                     str(t["lr_embedding"]), "--lr-text", str(t["lr_text_lora"]),
                     "--lr-unet", str(t["lr_unet_lora"]), "--flip-p", str(t["flip_p"])]  # fmt: skip
     folders = (write_toy_folders if toy else write_client_folders)(args.out / "photos")
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             str(args.out),
             *training,
             "--conv-rank",
-            str(args.conv_rank),
+            str(conv_rank),
             "--base-model",
             args.base_model,
         ]
