@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "--conv-rank",
         type=int,
         default=0,
-        help="also tune LoRA on the UNet's ResNet convolutions at this rank (LoCon; 0: the "
+        help="also tune LoRA on the UNet's up-block ResNet convolutions at this rank (LoCon; 0: the "
         "paper's ED-LoRA), for every tuning of the run",
     )
     p.add_argument("--samples", type=int, default=16, help="samples per concept and model")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(r: dict) -> str:
-    conv = f" with LoRA on the ResNet convolutions at rank {r['conv_rank']} (LoCon)"
+    conv = f" with LoRA on the up-block ResNet convolutions at rank {r['conv_rank']} (LoCon)"
     lines = [
         f"Concepts: {', '.join(r['concepts'])}; {r['steps']} tuning steps"
         f"{conv if r.get('conv_rank') else ''}; {r['samples']} samples each; {r['seconds']} s in all.",

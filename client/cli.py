@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--conv-rank",
         type=int,
         default=0,
-        help="also adapt the UNet's ResNet convolutions at this rank (LoCon; 0: off, as the "
+        help="also adapt the UNet's up-block ResNet convolutions at this rank (LoCon; 0: off, as the "
         "paper); helps subjects with fine texture, see benchmarks/RESULTS.md",
     )
     p.add_argument("--lr-embedding", type=float, default=1e-3, help="embedding learning rate")

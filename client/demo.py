@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--conv-rank",
         type=int,
-        help="clients also tune LoRA on the UNet's ResNet convolutions at this rank (LoCon, "
+        help="clients also tune LoRA on the UNet's up-block ResNet convolutions at this rank (LoCon, "
         "beyond the paper; default 16 on toy, which draws the concepts recognisably with it, "
         "0 on tiny; 0: the paper's ED-LoRA alone)",
     )

@@ -118,7 +118,7 @@ class BaseModel:
         self, conv: bool = False
     ) -> list[tuple[str, torch.nn.Module, tuple[str, ...]]]:
         """``[(key prefix, model, LoRA targets)]`` for the text encoder and the UNet, and with
-        ``conv`` a third entry for the UNet's ResNet convolutions (``UNET_CONV_TARGETS``).
+        ``conv`` a third entry for the UNet's up-block ResNet convolutions (``UNET_CONV_TARGETS``).
 
         Keys follow the diffusers LoRA convention, ``text_encoder.text_model.encoder...``,
         whether or not this transformers version nests CLIP under ``text_model``.

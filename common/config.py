@@ -30,7 +30,7 @@ class TrainConfig(_Model):
         0,
         ge=0,
         le=256,
-        description="rank of LoRA on the UNet's ResNet convolutions (LoCon; 0: none, as "
+        description="rank of LoRA on the UNet's up-block ResNet convolutions (LoCon; 0: none, as "
         "METHOD.md); trained at the UNet LoRA learning rate",
     )
     lr_embedding: float = Field(1e-3, ge=0, le=1)

@@ -94,7 +94,7 @@ class FusedModel:
         )
 
     def has_conv(self) -> bool:
-        """Whether the fused update touches the UNet's ResNet convolutions (LoCon)."""
+        """Whether the fused update touches the UNet's up-block ResNet convolutions (LoCon)."""
         return any(
             ".resnets." in k and k.rsplit(".", 1)[-1] in UNET_CONV_TARGETS for k in self.factors
         )

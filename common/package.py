@@ -3,7 +3,7 @@
 Tensors
     ``text_encoder.<path>.lora_A.weight`` ``[rank, in]`` / ``...lora_B.weight`` ``[out, rank]``
     ``unet.<path>.lora_A.weight`` / ``unet.<path>.lora_B.weight`` (PEFT / diffusers names)
-    optionally (LoCon, ``conv_rank`` > 0) the UNet ResNet convolutions' adapters
+    optionally (LoCon, ``conv_rank`` > 0) the UNet up-block ResNet convolutions' adapters
     ``unet.<path>.conv1.lora_A.weight`` ``[conv_rank, in, kh, kw]`` / ``lora_B`` ``[out, conv_rank, 1, 1]``
     ``embeddings`` ``[words, layers, dim]`` (ED-LoRA: 2 x L; vanilla LoRA: 1 x 1)
 Header metadata (all strings)

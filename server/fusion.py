@@ -7,8 +7,9 @@ Stages, in the paper's order (each later stage sees the already fused earlier on
    "TOK" (every layer-wise copy); the Gram matrix of every LoRA layer's input is recorded;
 3. cross-attention keys/values: the (fused) text encoder's outputs at the concept's token
    positions, copy ``l`` for layer ``l``;
-4. UNet spatial layers (attn1 q/k/v/out, attn2 q/out, and the ResNet convolutions when a
-   package adapts them, LoCon): each concept's model samples "photo of a TOK" (DPM-Solver,
+4. UNet spatial layers (attn1 q/k/v/out, attn2 q/out, and the up blocks' ResNet
+   convolutions when a package adapts them, LoCon): each concept's model samples "photo of
+   a TOK" (DPM-Solver,
    ``steps`` steps, no guidance) and every step's inputs are recorded; a convolution's
    inputs are its im2col patches, so it is solved as a linear map on them.
 

@@ -52,7 +52,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
         "--conv-rank",
         type=int,
         default=d["conv-rank"],
-        help="clients also adapt the UNet's ResNet convolutions at this rank (LoCon; 0: off)",
+        help="clients also adapt the UNet's up-block ResNet convolutions at this rank (LoCon; 0: off)",
     )
     p.add_argument("--lr-embedding", type=float, default=d["lr-embedding"])
     p.add_argument("--lr-text", type=float, default=d["lr-text"], help="text-encoder LoRA lr")

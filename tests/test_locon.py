@@ -1,4 +1,4 @@
-"""LoRA on the UNet's ResNet convolutions (LoCon): the layer, packages, fusion, fused forms."""
+"""LoRA on the UNet's up-block ResNet convolutions (LoCon): the layer, packages, fusion, fused forms."""
 
 import dataclasses
 import json

@@ -45,7 +45,7 @@ TOY_TRAINING = {
     "lr_unet_lora": 1e-3,
     "flip_p": 0.0,
 }
-# LoRA on the UNet's ResNet convolutions too (LoCon, beyond the paper; ``mos-client
+# LoRA on the UNet's up-block ResNet convolutions too (LoCon, beyond the paper; ``mos-client
 # --conv-rank``): the toy base's ED-LoRA draws the concepts' colours but not their layout,
 # these settings draw it (identity 0.48 against 0.26; RESULTS.md, convolution adapters).
 # What ``mos-demo`` tunes on the toy base unless told ``--conv-rank 0``.
