@@ -9,9 +9,8 @@ Stages, in the paper's order (each later stage sees the already fused earlier on
    positions, copy ``l`` for layer ``l``;
 4. UNet spatial layers (attn1 q/k/v/out, attn2 q/out, and the up blocks' ResNet
    convolutions when a package adapts them, LoCon): each concept's model samples "photo of
-   a TOK" (DPM-Solver,
-   ``steps`` steps, no guidance) and every step's inputs are recorded; a convolution's
-   inputs are its im2col patches, so it is solved as a linear map on them.
+   a TOK" (DPM-Solver, ``steps`` steps, no guidance) and every step's inputs are recorded; a
+   convolution's inputs are its im2col patches, so it is solved as a linear map on them.
 
 Each stage is solved per layer with ``solve.solve_downs`` (exact, from Grams) or
 ``solve.lbfgs_reference`` (the authors' solver, on raw features). Layers whose inputs are the
