@@ -117,8 +117,8 @@ def write_client_folders(root: Path, count: int = 6, size: int = 96) -> list[Pat
     return folders
 
 
-# three concepts that LoCon draws well, in colours that tell them apart (the ring and the
-# swiss, the earlier trio, are the two that LoCon does not improve; RESULTS.md)
+# three concepts that LoCon draws recognisably, in colour pairs that differ (the earlier
+# trio's checker and swiss are both red and white; RESULTS.md)
 TOY_DEMO_CONCEPTS = ("checker", "halfmoon", "house")
 
 
