@@ -170,8 +170,6 @@ class MixOfShowPipeline:
             raise ValueError(f"height and width must be multiples of {factor}")
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
-        if not 0.0 <= view_overlap < 1.0:
-            raise ValueError(f"view_overlap is a fraction in [0, 1); got {view_overlap}")
         if not 0.0 <= adapter_conditioning_factor <= 1.0:
             raise ValueError(
                 "adapter_conditioning_factor is the fraction of the steps with adapter "
@@ -192,10 +190,9 @@ class MixOfShowPipeline:
             attention = layerwise_cross_attention(b.unet)
         native = b.default_resolution // factor
         align = 2 ** (levels - 1)
+        stride = view_stride(native, view_overlap, align)  # checks the overlap, views or not
         views = (
-            view_windows(lh, lw, native, view_stride(native, view_overlap, align), align=align)
-            if native_views
-            else [(0, 0, lh, lw)]
+            view_windows(lh, lw, native, stride, align=align) if native_views else [(0, 0, lh, lw)]
         )
         view_regions = []  # per view (when there are several): its regions and their masks
         for view in views if len(views) > 1 else ():
