@@ -177,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--clients", type=int, default=3, choices=(1, 2, 3))
     p.add_argument(
+        "--fusion-steps",
+        type=int,
+        help="sampler steps of each image the server draws from a concept's model to fuse it "
+        "(default 20, the paper's; fewer: a quicker, rougher fusion)",
+    )
+    p.add_argument(
         "--base-model",
         default="toy",
         choices=("toy", "tiny"),
@@ -184,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         "path, noise for samples)",
     )
     args = p.parse_args(argv)
+    if args.fusion_steps is not None and args.fusion_steps < 1:
+        p.error(f"--fusion-steps must be at least 1, got {args.fusion_steps}")
     toy = args.base_model == "toy"
     training = ["--steps", str(args.steps or 300)]
     conv_rank = args.conv_rank if args.conv_rank is not None else 0
@@ -212,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             str(conv_rank),
             "--base-model",
             args.base_model,
+            *(["--fusion-steps", str(args.fusion_steps)] if args.fusion_steps is not None else []),
         ]
     )
     if code != 0:

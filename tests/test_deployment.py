@@ -241,7 +241,9 @@ def test_the_readme_demo_runs_the_simulation_end_to_end(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "demo"
     proc = Managed(
-        [str(BIN / "mos-demo"), "--out", str(out), "--steps", "3"], bare_env(), tmp_path / "log"
+        [str(BIN / "mos-demo"), "--out", str(out), "--steps", "3", "--fusion-steps", "2"],
+        bare_env(),
+        tmp_path / "log",
     )
     try:
         assert wait(proc, 400) == 0, proc._tail()
