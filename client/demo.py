@@ -146,7 +146,8 @@ def compose(out: Path, names: list[str], seeds: int = 4) -> Path:
     placed = ev.placement(pipe, names, seeds, seed=0, tiles=True, photo_prompts=True)
     path = out / "composed.png"
     labels = [f"seed {k}" for k in range(seeds)]
-    image_grid([placed.images], [" | ".join(f"<{n}>" for n in names)], labels).save(path)
+    row = " | ".join(f"<{n}>" for n in names)
+    image_grid([placed.images], [row], labels, min_cell=288).save(path)  # 3x: pixels visible
     for name, rate in zip(names, placed.in_own_box, strict=True):
         print(f"mos-demo: <{name}> found in its own box in {rate:.0%} of {seeds} seeds")
     print(
