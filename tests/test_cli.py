@@ -262,3 +262,13 @@ def test_joining_checks_tls_and_trust_files_before_starting_anything(
                  "--model-dir", str(tmp_path / "m"), *extra])  # fmt: skip
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_mos_demo_refuses_zero_fusion_steps_before_writing_anything(tmp_path, capsys):
+    from mos.client.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as exc:
+        demo_main(["--out", str(tmp_path / "demo"), "--fusion-steps", "0"])
+    assert exc.value.code == 2
+    assert "--fusion-steps must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
