@@ -579,3 +579,19 @@ def test_tune_many_refuses_bad_requests_before_starting_workers(names, workers, 
 
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         tune_many(names, toy_train_config(steps=1), workers=workers)
+
+
+def test_tune_many_gives_the_same_packages_with_one_worker_or_several():
+    """One worker tunes the two in turn in one process, two workers side by side: the
+    packages are the same to the bit, and they are full packages of their concepts."""
+    from mos.toyworld.evaluate import toy_train_config, tune_many
+
+    config = toy_train_config(steps=3, conv_rank=4)
+    one = tune_many(["checker", "ring"], config, workers=1)
+    two = tune_many(["ring", "checker"], config, workers=2)
+    for name in ("checker", "ring"):
+        assert one[name].concept.token == f"<{name}>" and one[name].conv_rank == 4
+        a, b = one[name].tensors(), two[name].tensors()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not torch.equal(one["checker"].embeddings, one["ring"].embeddings)
