@@ -113,7 +113,6 @@ def tune(
     masks: bool = TOY_PHOTOS["masks"],
 ) -> ConceptPackage:
     """Tune toy concept ``name`` on ``count`` generated photos, on a fresh toy base."""
-
     from mos.client.data import load_photo_folder
     from mos.client.trainer import train_concept
 
@@ -159,8 +158,8 @@ def tune_many(
 
     On the toy model one thread per tuning uses the cores best: a tuning alone runs 1.45x
     faster with two threads than with one, but three one-thread tunings on two cores
-    finish 1.5x sooner than the three one after another with two threads (188 s against
-    about 290 s, 1000 LoCon steps each). The packages do not depend on ``workers`` (every
+    finish 1.5x sooner than the three one after another with two threads (181-198 s
+    against about 300 s, 1000 LoCon steps each). The packages do not depend on ``workers`` (every
     tuning runs in a worker with one thread); they differ from ``tune``'s in this process
     in the last bits, as sums over threads run in another order. They come back as
     ``.safetensors`` files, loaded and validated as any package. Workers are spawned, so a
@@ -171,7 +170,8 @@ def tune_many(
     unknown = [n for n in names if n not in CONCEPTS]
     if unknown:
         raise ValueError(f"no toy concept {unknown}; the toy concepts are {list(CONCEPTS)}")
-    workers = workers or min(len(names), os.cpu_count() or 1)
+    if workers is None:
+        workers = min(len(names), os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     settings = config.model_dump()
