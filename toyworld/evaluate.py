@@ -129,7 +129,7 @@ def tune(
 
 def _tune_to_file(
     name: str,
-    settings: dict,
+    config: TrainConfig,
     out: str,
     photos_seed: int,
     count: int,
@@ -138,7 +138,6 @@ def _tune_to_file(
 ) -> str:
     """Worker of ``tune_many``: one torch thread, the package written to ``out``."""
     torch.set_num_threads(1)
-    config = TrainConfig(**settings)
     tune(name, config, photos_seed, count, captions=captions, masks=masks).save(out)
     return out
 
@@ -159,11 +158,12 @@ def tune_many(
     On the toy model one thread per tuning uses the cores best: a tuning alone runs 1.45x
     faster with two threads than with one, but three one-thread tunings on two cores
     finish 1.5x sooner than the three one after another with two threads (181-198 s
-    against about 300 s, 1000 LoCon steps each). The packages do not depend on ``workers`` (every
-    tuning runs in a worker with one thread); they differ from ``tune``'s in this process
-    in the last bits, as sums over threads run in another order. They come back as
-    ``.safetensors`` files, loaded and validated as any package. Workers are spawned, so a
-    script that calls this needs the ``if __name__ == "__main__":`` guard."""
+    against about 300 s, 1000 LoCon steps each). The packages do not depend on
+    ``workers`` (every tuning runs in a worker with one thread); they differ from
+    ``tune``'s in this process in the last bits, as sums over threads run in another
+    order. They come back as ``.safetensors`` files, loaded and validated as any package.
+    Workers are spawned, so a script that calls this needs the ``if __name__ ==
+    "__main__":`` guard."""
     names = list(names)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"tune_many takes each concept once, got {names}")
@@ -174,7 +174,6 @@ def tune_many(
         workers = min(len(names), os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    settings = config.model_dump()
     with (
         tempfile.TemporaryDirectory() as tmp,
         ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool,
@@ -183,7 +182,7 @@ def tune_many(
             n: pool.submit(
                 _tune_to_file,
                 n,
-                settings,
+                config,
                 str(Path(tmp) / f"{n}.safetensors"),
                 photos_seed,
                 count,
