@@ -102,7 +102,7 @@ def run_one(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         resolution=args.resolution,
         mixed_precision=args.mixed_precision,
-        gradient_checkpointing=None if args.checkpointing == "auto" else args.checkpointing == "on",
+        gradient_checkpointing=args.checkpointing,
     )
     stamps: list[float] = []
     if device.type == "cuda":

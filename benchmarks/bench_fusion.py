@@ -129,7 +129,7 @@ def modes(package_files: list[Path] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for kind, (name, cls) in enumerate([("dog1", "dog"), ("cat2", "cat"), ("toy3", "toy")]):
                 photos = load_photo_folder(_concept_photos(kind, Path(tmp) / name))
-                config = TrainConfig(steps=60, batch_size=4, lr_unet_lora=3e-3, lr_text_lora=1e-3)
+                config = TrainConfig(steps=60, batch_size=4, lr_unet=3e-3, lr_text=1e-3)
                 packages.append(
                     train_concept(build_tiny(), photos, name, cls, config, progress=False).package
                 )

@@ -25,6 +25,7 @@ from ..common.config import TrainConfig
 from ..common.edlora import class_word_id
 from ..common.images import image_grid, loss_curve
 from ..common.pipeline import MixOfShowPipeline
+from ..common.settings import add_options, given
 from .data import PhotoFolderError, load_photo_folder
 from .trainer import train_concept
 
@@ -53,32 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-config", help="local diffusers folder with the configs of a single-file checkpoint"
     )
-    p.add_argument("--method", choices=("edlora", "lora"), default="edlora")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument(
-        "--resolution", type=int, help="training resolution (default: the base's native)"
+    tuning = p.add_argument_group(
+        "tuning (with --superlink the server sets these; see the run config)"
     )
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument(
-        "--conv-rank",
-        type=int,
-        default=0,
-        help="also adapt the UNet's up-block ResNet convolutions at this rank (LoCon; 0: off, as the "
-        "paper); helps subjects with fine texture, see benchmarks/RESULTS.md",
-    )
-    p.add_argument("--lr-embedding", type=float, default=1e-3, help="embedding learning rate")
-    p.add_argument("--lr-text", type=float, default=1e-5, help="text-encoder LoRA learning rate")
-    p.add_argument("--lr-unet", type=float, default=1e-4, help="UNet LoRA learning rate")
-    p.add_argument(
-        "--flip-p",
-        type=float,
-        default=0.5,
-        help="probability of a horizontal flip (0 for subjects with a handedness: text, logos)",
-    )
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--kv-dropout", type=float, default=0.0, help="0.2 is the reference for objects")
-    p.add_argument("--seed", type=int, default=0)
+    add_options(tuning, TrainConfig)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", type=Path, help="package file (default: ./<name>.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite an existing package file")
@@ -86,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-samples", action="store_true", help="skip the validation sample grid")
     p.add_argument("--sample-steps", type=int, default=25, help="sampler steps for the grid")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    fed = p.add_argument_group(
-        "federation (with --superlink the server sets the training options above)"
-    )
+    fed = p.add_argument_group("federation")
     fed.add_argument("--superlink", metavar="HOST:PORT", help="join this server's federation")
     fed.add_argument("--root-certificates", type=Path, help="CA certificate of a TLS SuperLink")
     fed.add_argument("--insecure", action="store_true", help="the SuperLink has no TLS")
@@ -149,22 +126,7 @@ def run(args: argparse.Namespace) -> Path:
         name = parse_concept_name(args.concept)
     except ConceptError as err:
         raise UsageError(str(err)) from err
-    config = config_from(
-        TrainConfig,
-        method=args.method,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        resolution=args.resolution,
-        rank=args.rank,
-        conv_rank=args.conv_rank,
-        lr_embedding=args.lr_embedding,
-        lr_text_lora=args.lr_text,
-        lr_unet_lora=args.lr_unet,
-        flip_p=args.flip_p,
-        lora_dropout=args.lora_dropout,
-        kv_dropout=args.kv_dropout,
-        seed=args.seed,
-    )
+    config = config_from(TrainConfig, **given(args, TrainConfig))
     out = args.out or Path(f"{name}.safetensors")
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out}: a concept package file must end in .safetensors")
@@ -197,7 +159,7 @@ def run(args: argparse.Namespace) -> Path:
     loss_curve(result.losses, f"{package.concept.token} training loss").save(f"{stem}.loss.png")
     if not args.no_samples:
         grid = validation_grid(
-            base, result.concepts, package.concept.token, args.sample_steps, args.seed
+            base, result.concepts, package.concept.token, args.sample_steps, config.seed
         )
         grid.save(f"{stem}.samples.png")
         log.info("wrote %s.samples.png (rows: prompts; columns: LoRA scale 0, 0.7, 1.0)", stem)

@@ -40,22 +40,16 @@ from ..common.cli import UsageError, default_class_word, resolve_device, setup_l
 from ..common.concepts import ConceptError, ConceptTable, parse_concept_name
 from ..common.config import TrainConfig
 from ..common.files import atomic_write
-from ..common.fused import FusedModel
 from ..common.package import ConceptPackage, PackageError, attach_package
 from ..common.pipeline import MixOfShowPipeline
 from ..common.wire import digest, fused_from_records, package_to_records
 from .data import PhotoFolderError, load_photo_folder
+from .layout import CLIENT_FILE, DONE, FUSED_DIR, PACKAGE_FILE, PACKAGE_INFO, write_latest
 from .trainer import denoising_loss, train_concept
 
 log = logging.getLogger("mos.client")
 
 app = ClientApp()
-
-PACKAGE_FILE = "package.safetensors"
-PACKAGE_INFO = "package.json"
-LATEST = "latest.json"
-DONE = "DONE"
-CLIENT_FILE = ".mos-client.json"  # simulation: optional {"concept": ..., "class_word": ...}
 
 
 class ClientSetupError(ValueError):
@@ -248,22 +242,6 @@ def _cached(model_dir: Path, key: str) -> ConceptPackage | None:
         return None
 
 
-def write_latest(model_dir: Path, version: int, path: Path, sha256: str, fused: FusedModel) -> None:
-    """Point ``model_dir/latest.json`` at a stored fused model (atomically)."""
-    text = json.dumps(
-        {
-            "version": version,
-            "file": str(path),
-            "sha256": sha256,
-            "strategy": fused.strategy,
-            "concepts": [c.token for c in fused.concepts],
-            "base_fingerprint": fused.base_fingerprint,
-        },
-        indent=2,
-    )
-    atomic_write(model_dir / LATEST, lambda tmp: Path(tmp).write_text(text))
-
-
 def handle_evaluate(msg: Message, settings: ClientSettings) -> Message:
     content = msg.content
     meta = content.config_records[fed.FUSED_META]
@@ -275,7 +253,7 @@ def handle_evaluate(msg: Message, settings: ClientSettings) -> Message:
             f"{base.source} ({base.fingerprint[:12]})"
         )
     table = fused.attach(base)  # also checks that every layer is there
-    folder = settings.model_dir / "fused"
+    folder = settings.model_dir / FUSED_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = fused.save_compact(folder / f"v{version}.safetensors")
     write_latest(settings.model_dir, version, path, str(meta["sha256"]), fused)

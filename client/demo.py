@@ -31,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .client_app import CLIENT_FILE
+from .layout import CLIENT_FILE
 
 
 def draw_sprite_photo(rng: random.Random, size: int = 96) -> Image.Image:
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             conv_rank = TOY_LOCON["conv_rank"]
         steps = args.steps or (TOY_LOCON["steps"] if conv_rank else t["steps"])
         training = ["--steps", str(steps), "--lr-embedding",
-                    str(t["lr_embedding"]), "--lr-text", str(t["lr_text_lora"]),
-                    "--lr-unet", str(t["lr_unet_lora"]), "--flip-p", str(t["flip_p"])]  # fmt: skip
+                    str(t["lr_embedding"]), "--lr-text", str(t["lr_text"]),
+                    "--lr-unet", str(t["lr_unet"]), "--flip-p", str(t["flip_p"])]  # fmt: skip
     folders = (write_toy_folders if toy else write_client_folders)(args.out / "photos")
     print(f"mos-demo: wrote the photos of {len(folders)} clients to {args.out / 'photos'}")
     code = simulate_main(

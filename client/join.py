@@ -22,8 +22,8 @@ from ..common.cli import UsageError
 from ..common.concepts import ConceptError, parse_concept_name
 from ..common.federation import toml_value
 from ..common.processes import Managed, executable, flower_env, free_port, port_open
-from .client_app import DONE, LATEST
 from .data import load_photo_folder
+from .layout import DONE, LATEST
 
 log = logging.getLogger("mos.client")
 STAMPED = re.compile(r"^\d\d:\d\d:\d\d ")

@@ -29,7 +29,7 @@ from ..common.fused import COMPACT_FILE, FusedModel
 from ..common.hubauth import HubAuthError, load_private_key, sign_request
 from ..common.package import PackageError
 from ..proto import hub_pb2, hub_pb2_grpc
-from .client_app import write_latest
+from .layout import FUSED_DIR, write_latest
 
 log = logging.getLogger("mos.pull")
 SERVICE = "/mos.hub.v1.ModelHub/"
@@ -177,7 +177,7 @@ def pull(
     for name in names:  # the hub lists plain names; anything else is refused here too
         if Path(name).name != name or name.startswith(".") or "\x00" in name:
             raise HubError(f"the hub listed an unsafe file name {name!r}")
-    fused_dir = model_dir / "fused"
+    fused_dir = model_dir / FUSED_DIR
     final = fused_dir / f"v{chosen.version}"
     if final.is_dir() and all(
         (final / f.name).is_file() and file_sha256(final / f.name) == f.sha256 for f in chosen.files

@@ -44,6 +44,7 @@ from ..common.images import image_grid
 from ..common.package import PackageError
 from ..common.pipeline import MixOfShowPipeline
 from ..common.regions import Region, RegionError, box_from_pixels
+from ..common.settings import validation_message
 
 log = logging.getLogger("mos.sample")
 SCENE_KEY = "mos-scene"
@@ -269,9 +270,7 @@ def scene_from_args(args: argparse.Namespace) -> Scene:
     try:
         return Scene.model_validate(data)
     except ValidationError as err:
-        raise UsageError(
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        ) from err
+        raise UsageError(validation_message(err, name=str)) from err
 
 
 def _absolute_if_local(name: str) -> str:

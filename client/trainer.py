@@ -254,9 +254,9 @@ def _train(
                 base.unet, UNET_CONV_TARGETS, config.conv_rank, config.lora_dropout
             )
     unet_params = [p for x in unet_layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
-    gc = config.gradient_checkpointing
-    if gc is None:
-        gc = device.type == "cuda"
+    gc = config.gradient_checkpointing == "on" or (
+        config.gradient_checkpointing == "auto" and device.type == "cuda"
+    )
     if gc:
         base.unet.enable_gradient_checkpointing()
         base.text_encoder.gradient_checkpointing_enable({"use_reentrant": False})
@@ -280,8 +280,8 @@ def _train(
             optimizer = torch.optim.AdamW(
                 [
                     {"params": [rows.rows], "lr": config.lr_embedding},
-                    {"params": te_params, "lr": config.lr_text_lora},
-                    {"params": unet_params, "lr": config.lr_unet_lora},
+                    {"params": te_params, "lr": config.lr_text},
+                    {"params": unet_params, "lr": config.lr_unet},
                 ],
                 weight_decay=config.weight_decay,
             )
@@ -351,7 +351,7 @@ def _train(
                 losses.append(value)
                 if (
                     frozen_at is None
-                    and config.embedding_norm_threshold is not None
+                    and config.embedding_norm_threshold > 0
                     and rows.rows.requires_grad
                     and float(rows.rows.detach().norm(dim=-1).mean())
                     >= config.embedding_norm_threshold

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
+
+from .settings import SettingsError, build
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -22,17 +24,12 @@ class UsageError(Exception):
     """A problem with the command line or its inputs; printed without a traceback."""
 
 
-def config_from(cls: type[Config], **fields) -> Config:
+def config_from(cls: type[Config], **fields: object) -> Config:
     """Build a settings model; a bad value becomes a ``UsageError`` naming the option."""
     try:
-        return cls(**fields)
-    except ValidationError as err:
-        raise UsageError(
-            "; ".join(
-                f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}"
-                for e in err.errors()
-            )
-        ) from err
+        return build(cls, fields)
+    except SettingsError as err:
+        raise UsageError(str(err)) from err
 
 
 def run_command(

@@ -1,21 +1,28 @@
 """What the ServerApp and the ClientApp agree on: the run config, record names, and the
 Flower app definition (``[tool.flwr.app]``) that ``mos-server`` and ``mos-simulate`` submit.
 
-The run-config defaults live here once; ``pyproject.toml``'s ``[tool.flwr.app.config]``
-must equal ``RUN_CONFIG_DEFAULTS`` (a test checks it), so ``flwr run .`` from a clone and
-``mos-server`` behave the same.
+The run config is flat (Flower's ``[tool.flwr.app.config]`` holds scalars): the server's
+own settings (``ServerSettings``), every training setting under its ``TrainConfig`` name
+(``steps``, ``lr-text``, ...) and every fusion setting with a ``fusion-`` prefix
+(``fusion-mode``, ...). ``RUN_CONFIG_DEFAULTS`` is derived from the three models;
+``pyproject.toml``'s table must equal it (a test checks it), so ``flwr run .`` from a
+clone and ``mos-server`` behave the same.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel as _Model
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
-from .config import TrainConfig
+from .config import FusionConfig, TrainConfig
+from .settings import SettingsError, build, key, run_config_keys, to_run_config
+
+FUSION_PREFIX = "fusion-"
 
 # Message contents (RecordDict keys)
 TRAIN_CONFIG = "config"  # ConfigRecord, server -> client
@@ -26,107 +33,106 @@ REFUSAL = "refusal"  # ConfigRecord {"reason": ...}, client -> server
 FUSED = "fused"  # ArrayRecord, server -> client
 FUSED_META = "fused-meta"  # ConfigRecord, server -> client
 
-RUN_CONFIG_DEFAULTS: dict[str, str | int | float | bool] = {
-    "strategy": "gradient-fusion",
-    "base-model": "tiny",
-    "base-config": "",
-    "rounds": 1,
-    "min-clients": 2,
-    "wait-clients-s": 300,
-    "round-timeout-s": 3600,
-    "state-dir": "",
-    "device": "auto",
-    "steps": 200,
-    "batch-size": 2,
-    "resolution": 0,
-    "rank": 4,
-    "conv-rank": 0,
-    "lr-embedding": 1e-3,
-    "lr-text": 1e-5,
-    "lr-unet": 1e-4,
-    "flip-p": 0.5,
-    "seed": 0,
-    "fusion-mode": "independent",
-    "fusion-steps": 20,
-    "fusion-resolution": 0,
-    "report": True,
-    "max-package-mb": 64,
-    "data-root": "",
-    "client-root": "",
-}
-
-DEFAULT_STATE_DIR = "~/.mos/server-state"
+__all__ = ["RunSettings", "ServerSettings", "SettingsError", "RUN_CONFIG_DEFAULTS"]
 
 
-class SettingsError(ValueError):
-    """A run or node config value is wrong; the message names the key."""
+class ServerSettings(_Model):
+    """The server's own run-config settings (``mos-server`` / ``mos-simulate`` options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["gradient-fusion", "weight-fusion"] = Field(
+        "gradient-fusion", description="how the server merges the concepts"
+    )
+    base_model: str = Field(
+        "tiny", min_length=1, description="tiny | toy | diffusers folder | .safetensors | hub id"
+    )
+    base_config: str = Field(
+        "", description="local diffusers folder with the configs of a single-file checkpoint"
+    )
+    rounds: int = Field(1, ge=1, le=1000, description="federated rounds")
+    min_clients: int = Field(2, ge=1, description="clients each round waits for")
+    wait_clients: float = Field(300, ge=0, description="seconds to wait for --min-clients")
+    round_timeout: float = Field(3600, gt=0, description="seconds a round may take")
+    state_dir: str = Field(
+        "~/.mos/server-state",
+        min_length=1,
+        description="the registry: accepted packages, fusion statistics, fused models",
+    )
+    device: str = Field("auto", description="where the server fuses: auto | cpu | cuda | cuda:N")
+    report: bool = Field(True, description="measure each concept's fidelity after fusion")
+    compare: bool = Field(
+        False, description="the report also fuses with the other strategy, for comparison"
+    )
+    max_package_mb: float = Field(64, gt=0, description="largest package accepted, in MiB")
+    data_root: str = Field("", description="simulation: one photo folder per virtual client")
+    client_root: str = Field("", description="simulation: where the clients' models go")
+
+
+def _run_config_layout() -> dict[str, tuple[str, str]]:
+    """``{run-config key: (section, field)}``; sections: server, train, fusion."""
+    layout: dict[str, tuple[str, str]] = {}
+    for section, model, prefix in (
+        ("server", ServerSettings, ""),
+        ("train", TrainConfig, ""),
+        ("fusion", FusionConfig, FUSION_PREFIX),
+    ):
+        for k, name in run_config_keys(model, prefix).items():
+            if k in layout:
+                raise RuntimeError(f"run-config key {k!r} is defined twice")
+            layout[k] = (section, name)
+    return layout
+
+
+RUN_CONFIG_LAYOUT = _run_config_layout()
 
 
 class RunSettings(_Model):
-    """The run config (``[tool.flwr.app.config]`` plus ``--run-config`` overrides)."""
+    """The run config, read into its three models."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
 
-    strategy: Literal["gradient-fusion", "weight-fusion"] = "gradient-fusion"
-    base_model: str = Field("tiny", alias="base-model", min_length=1)
-    base_config: str = Field("", alias="base-config")
-    rounds: int = Field(1, ge=1, le=1000)
-    min_clients: int = Field(2, ge=1, alias="min-clients")
-    wait_clients_s: float = Field(300, ge=0, alias="wait-clients-s")
-    round_timeout_s: float = Field(3600, gt=0, alias="round-timeout-s")
-    state_dir: str = Field("", alias="state-dir")
-    device: str = "auto"
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(2, ge=1, alias="batch-size")
-    resolution: int = Field(0, ge=0, description="0: the base's native")
-    rank: int = Field(4, ge=1, le=256)
-    conv_rank: int = Field(0, ge=0, le=256, alias="conv-rank")
-    lr_embedding: float = Field(1e-3, ge=0, alias="lr-embedding")
-    lr_text: float = Field(1e-5, ge=0, alias="lr-text")
-    lr_unet: float = Field(1e-4, ge=0, alias="lr-unet")
-    flip_p: float = Field(0.5, ge=0, le=1, alias="flip-p")
-    seed: int = Field(0, ge=0)
-    fusion_mode: Literal["sequential", "independent"] = Field("independent", alias="fusion-mode")
-    fusion_steps: int = Field(20, ge=1, alias="fusion-steps")
-    fusion_resolution: int = Field(0, ge=0, alias="fusion-resolution")
-    report: bool = True
-    max_package_mb: float = Field(64, gt=0, alias="max-package-mb")
-    data_root: str = Field("", alias="data-root")
-    client_root: str = Field("", alias="client-root")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
 
     @classmethod
-    def from_run_config(cls, run_config: dict) -> RunSettings:
-        try:
-            return cls.model_validate(dict(run_config))
-        except ValidationError as err:
-            raise SettingsError(_errors(err, "run config")) from err
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Validate a flat run config; a bad or unknown key raises ``SettingsError``."""
+        sections: dict[str, dict[str, Any]] = {"server": {}, "train": {}, "fusion": {}}
+        unknown = sorted(k for k in run_config if k not in RUN_CONFIG_LAYOUT)
+        if unknown:
+            raise SettingsError(f"run config: unknown key(s) {', '.join(unknown)}")
+        for k, v in run_config.items():
+            section, name = RUN_CONFIG_LAYOUT[k]
+            sections[section][name] = v
+        models = {"server": ServerSettings, "train": TrainConfig, "fusion": FusionConfig}
+        prefixes = {"server": "", "train": "", "fusion": FUSION_PREFIX}
+        built = {}
+        for section, values in sections.items():
+            prefix = prefixes[section]
+            try:
+                built[section] = build(models[section], values, lambda f, p=prefix: key(f, p))
+            except SettingsError as err:
+                raise SettingsError(f"run config: {err}") from err
+        return cls(**built)
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            resolution=self.resolution or None,
-            rank=self.rank,
-            conv_rank=self.conv_rank,
-            lr_embedding=self.lr_embedding,
-            lr_text_lora=self.lr_text,
-            lr_unet_lora=self.lr_unet,
-            flip_p=self.flip_p,
-            seed=self.seed,
-        )
+    def to_run_config(self) -> dict[str, str | int | float | bool]:
+        return {
+            **to_run_config(self.server),
+            **to_run_config(self.train),
+            **to_run_config(self.fusion, FUSION_PREFIX),
+        }
 
     def state_path(self) -> Path:
-        return Path(self.state_dir or DEFAULT_STATE_DIR).expanduser().resolve()
+        return Path(self.server.state_dir).expanduser().resolve()
 
     @property
     def max_package_bytes(self) -> int:
-        return int(self.max_package_mb * (1 << 20))
+        return int(self.server.max_package_mb * (1 << 20))
 
 
-def _errors(err: ValidationError, what: str) -> str:
-    return f"{what}: " + "; ".join(
-        f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors()
-    )
+RUN_CONFIG_DEFAULTS: dict[str, str | int | float | bool] = RunSettings().to_run_config()
 
 
 def toml_value(v: str | int | float | bool) -> str:
@@ -179,3 +185,7 @@ def write_app_dir(folder: Path, overrides: dict | None = None) -> Path:
         "Its ServerApp and ClientApp are the installed `mos` package.\n"
     )
     return folder
+
+
+if __name__ == "__main__":  # the [tool.flwr.app.config] table for pyproject.toml
+    print("\n".join(f"{k} = {toml_value(v)}" for k, v in RUN_CONFIG_DEFAULTS.items()))

@@ -29,16 +29,14 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel as _Model
-from pydantic import ConfigDict, Field
 from tqdm.auto import tqdm
 
 from ..common.attention import cross_attention_layers
 from ..common.base import BaseModel
 from ..common.concepts import ConceptTable, encode_prompts, tokenize
+from ..common.config import CONV_SAMPLES, FusionConfig
 from ..common.edlora import add_concept_tokens, write_embeddings
 from ..common.lora import (
     UNET_CONV_TARGETS,
@@ -62,47 +60,7 @@ from .solve import (
 log = logging.getLogger(__name__)
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # target key -> (up, down)
-CONV_SAMPLES = 8  # stage-4 images per concept by default once convolutions are fused
 PARTS = ("text", "kv", "spatial")
-
-
-class FusionConfig(_Model):
-    """Settings of one fusion; defaults are the paper's (METHOD.md section 2)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["sequential", "independent"] = "sequential"
-    solver: Literal["exact", "lbfgs"] = "exact"
-    steps: int = Field(20, ge=1, le=1000, description="sampling steps recorded in stage 4")
-    resolution: int | None = Field(None, ge=8, description="stage-4 sampling size (None: native)")
-    samples: int | None = Field(
-        None,
-        ge=1,
-        le=64,
-        description="images sampled per concept in stage 4 (None: 1, or CONV_SAMPLES when "
-        "convolution adapters are fused: their im2col inputs are wide and a small latent has "
-        "few positions, measured in benchmarks/RESULTS.md)",
-    )
-    concept_batch: int = Field(
-        8, ge=1, le=256, description="concept models sampled together in one batch in stage 4"
-    )
-    seed: int = Field(0, ge=0)
-    ridge: float = Field(1e-2, ge=0, description="relative ridge (times mean Gram eigenvalue)")
-    ridge_target: Literal["base", "average"] = Field(
-        "average",
-        description="what the ridge pulls toward: the weight-fusion average (default; measured "
-        "better, see benchmarks/RESULTS.md) or the base weights (METHOD.md's wording, ridge 1e-6)",
-    )
-    gram_dtype: Literal["float64", "float32"] = "float64"
-    lbfgs_iterations_text: int = Field(500, ge=1, description="reference: text encoder and k/v")
-    lbfgs_iterations_unet: int = Field(50, ge=1, description="reference: UNet spatial layers")
-    kv_positions: Literal["concept", "concept+eos", "all"] = Field(
-        "all",
-        description="stage-3 features: the concept's token positions (METHOD.md), those and "
-        "the end token (the reference code), or every position of the concept prompts",
-    )
-    text_prompts: tuple[str, ...] = ("photo of a {}", "{}")
-    sample_prompt: str = "photo of a {}"
 
 
 @dataclass
@@ -340,7 +298,7 @@ class FusionEngine:
     @property
     def stage4_samples(self) -> int:
         """Images sampled per concept in stage 4 (``FusionConfig.samples``)."""
-        if self.config.samples is not None:
+        if self.config.samples:
             return self.config.samples
         return CONV_SAMPLES if self.conv else 1
 

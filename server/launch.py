@@ -21,79 +21,54 @@ import time
 from pathlib import Path
 
 from ..common.cli import UsageError, run_command
+from ..common.config import FusionConfig, TrainConfig
 from ..common.federation import (
-    RUN_CONFIG_DEFAULTS,
+    FUSION_PREFIX,
     RunSettings,
-    SettingsError,
+    ServerSettings,
     toml_value,
     write_app_dir,
 )
 from ..common.processes import LaunchError, Managed, executable, flower_env, free_port
+from ..common.settings import SettingsError, add_options, build, given, key, option, scalar_fields
 
 log = logging.getLogger("mos.launch")
 CONNECTION = "mos"
+# run-config settings that mos-simulate fills in itself (no options)
+NOT_OPTIONS = ("data_root", "client_root")
 
 
-def _settings_args(p: argparse.ArgumentParser) -> None:
-    """Options that become run-config values (the defaults are the app's)."""
-    d = RUN_CONFIG_DEFAULTS
-    p.add_argument(
-        "--strategy", choices=("gradient-fusion", "weight-fusion"), default=d["strategy"]
-    )
-    p.add_argument(
-        "--base-model", default=d["base-model"], help="tiny | folder | .safetensors | hub id"
-    )
-    p.add_argument("--base-config", default="", help="configs of a single-file checkpoint")
-    p.add_argument("--rounds", type=int, default=d["rounds"])
-    p.add_argument("--steps", type=int, default=d["steps"], help="ED-LoRA steps on each client")
-    p.add_argument("--resolution", type=int, default=0, help="training px (0: native)")
-    p.add_argument("--rank", type=int, default=d["rank"])
-    p.add_argument(
-        "--conv-rank",
-        type=int,
-        default=d["conv-rank"],
-        help="clients also adapt the UNet's up-block ResNet convolutions at this rank (LoCon; 0: off)",
-    )
-    p.add_argument("--lr-embedding", type=float, default=d["lr-embedding"])
-    p.add_argument("--lr-text", type=float, default=d["lr-text"], help="text-encoder LoRA lr")
-    p.add_argument("--lr-unet", type=float, default=d["lr-unet"], help="UNet LoRA lr")
-    p.add_argument(
-        "--flip-p",
-        type=float,
-        default=d["flip-p"],
-        help="probability of a horizontal flip in tuning (0 for subjects with a handedness)",
-    )
-    p.add_argument("--fusion-mode", choices=("independent", "sequential"), default=d["fusion-mode"])
-    p.add_argument("--fusion-steps", type=int, default=d["fusion-steps"])
-    p.add_argument("--round-timeout", type=float, default=d["round-timeout-s"], help="seconds")
-    p.add_argument("--device", default="auto", help="where the server fuses: auto | cpu | cuda")
-    p.add_argument("--no-report", action="store_true", help="skip the fidelity report")
+def _settings_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Options that become run-config values: one per field of the three settings models."""
+    add_options(p, ServerSettings, exclude=(*NOT_OPTIONS, *exclude))
+    train = p.add_argument_group("tuning on the clients")
+    add_options(train, TrainConfig)
+    fusion = p.add_argument_group("fusion on the server")
+    add_options(fusion, FusionConfig, prefix=FUSION_PREFIX, exclude=_non_scalar(FusionConfig))
 
 
-def _overrides(args: argparse.Namespace, state: Path, **more) -> dict:
-    values = {
-        "strategy": args.strategy,
-        "base-model": args.base_model,
-        "base-config": args.base_config,
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "resolution": args.resolution,
-        "rank": args.rank,
-        "conv-rank": args.conv_rank,
-        "lr-embedding": args.lr_embedding,
-        "lr-text": args.lr_text,
-        "lr-unet": args.lr_unet,
-        "flip-p": args.flip_p,
-        "fusion-mode": args.fusion_mode,
-        "fusion-steps": args.fusion_steps,
-        "round-timeout-s": float(args.round_timeout),
-        "device": args.device,
-        "report": not args.no_report,
-        "state-dir": str(state),
-        **more,
-    }
+def _non_scalar(model: type) -> tuple[str, ...]:
+    return tuple(set(model.model_fields) - set(scalar_fields(model)))
+
+
+def _overrides(args: argparse.Namespace, **fixed: str | int | float | bool) -> dict:
+    """The run-config values given on the command line (plus ``fixed``), validated; an error
+    names the option."""
+    values: dict[str, str | int | float | bool] = {}
+    for model, prefix, exclude in (
+        (ServerSettings, "", NOT_OPTIONS),
+        (TrainConfig, "", ()),
+        (FusionConfig, FUSION_PREFIX, ()),
+    ):
+        chosen = given(args, model, prefix, exclude)
+        try:
+            build(model, chosen, lambda f, prefix=prefix: option(f, prefix))
+        except SettingsError as err:
+            raise UsageError(str(err)) from err
+        values.update({key(name, prefix): value for name, value in chosen.items()})
+    values.update(fixed)
     try:
-        RunSettings.from_run_config({**RUN_CONFIG_DEFAULTS, **values})
+        RunSettings.from_run_config(values)
     except SettingsError as err:
         raise UsageError(str(err)) from err
     return values
@@ -179,11 +154,6 @@ def server_parser() -> argparse.ArgumentParser:
         "ServerApp. Clients join with mos-client --superlink HOST:PORT.",
     )
     _settings_args(p)
-    p.add_argument("--min-clients", type=int, default=RUN_CONFIG_DEFAULTS["min-clients"])
-    p.add_argument(
-        "--wait-clients", type=float, default=300, help="seconds to wait for --min-clients"
-    )
-    p.add_argument("--state-dir", type=Path, default=Path("mos-server-state"))
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     p.add_argument("--port", type=int, default=9092)
     p.add_argument(
@@ -217,7 +187,8 @@ def server_parser() -> argparse.ArgumentParser:
 
 
 def run_server(args: argparse.Namespace) -> dict:
-    state = args.state_dir.expanduser().resolve()
+    state_dir = args.state_dir or ServerSettings.model_fields["state_dir"].default
+    state = Path(state_dir).expanduser().resolve()
     for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certfile"):  # Flower wants absolute
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).expanduser().resolve())
@@ -230,11 +201,7 @@ def run_server(args: argparse.Namespace) -> dict:
             raise UsageError(f"{path}: no such file")
     if args.supernode_public_key and not args.enable_supernode_auth:
         raise UsageError("--supernode-public-key needs --enable-supernode-auth")
-    values = _overrides(
-        args,
-        state,
-        **{"min-clients": args.min_clients, "wait-clients-s": float(args.wait_clients)},
-    )
+    values = _overrides(args, **{"state-dir": str(state)})
     home = state / "flwr-home"
     connect = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     app_dir, run_config = _prepare(
@@ -344,7 +311,7 @@ def simulate_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("mos-sim"), help="server state and clients")
     p.add_argument("--cpus-per-client", type=int, default=1)
     p.add_argument("--gpus-per-client", type=float, default=0.0)
-    _settings_args(p)
+    _settings_args(p, exclude=("state_dir", "min_clients", "wait_clients"))
     return p
 
 
@@ -377,10 +344,10 @@ def run_simulation(args: argparse.Namespace) -> dict:
     state = out / "server"
     values = _overrides(
         args,
-        state,
         **{
+            "state-dir": str(state),
             "min-clients": args.clients,
-            "wait-clients-s": 120.0,
+            "wait-clients": 120.0,
             "data-root": str(root),
             "client-root": str(out / "clients"),
         },

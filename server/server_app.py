@@ -20,7 +20,6 @@ from ..common.base import BaseModelError, load_base_model
 from ..common.cli import resolve_device, setup_logging
 from ..common.federation import RunSettings, SettingsError
 from ..common.files import atomic_write
-from .fusion import FusionConfig
 from .registry import Registry, RegistryError
 from .strategy import STRATEGIES, NotEnoughClients
 
@@ -40,25 +39,21 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run(grid: Grid, settings: RunSettings) -> dict:
-    device = resolve_device(settings.device)
-    base = load_base_model(settings.base_model, config=settings.base_config or None).to(device)
+    server = settings.server
+    device = resolve_device(server.device)
+    base = load_base_model(server.base_model, config=server.base_config or None).to(device)
     state = settings.state_path()
     registry = Registry.open(state, base)
-    fusion = FusionConfig(
-        mode=settings.fusion_mode,
-        steps=settings.fusion_steps,
-        resolution=settings.fusion_resolution or None,
-        seed=settings.seed,
-    )
-    strategy = STRATEGIES[settings.strategy](
+    strategy = STRATEGIES[server.strategy](
         base,
         registry,
-        settings.train_config(),
-        fusion,
-        min_clients=settings.min_clients,
-        wait_clients_s=settings.wait_clients_s,
+        settings.train,
+        settings.fusion,
+        min_clients=server.min_clients,
+        wait_clients_s=server.wait_clients,
         max_package_bytes=settings.max_package_bytes,
-        report=settings.report,
+        report=server.report,
+        compare=server.compare,
     )
     log.info(
         "server: base %s (%s) on %s; state in %s", base.source, base.fingerprint[:12], device, state
@@ -68,13 +63,13 @@ def run(grid: Grid, settings: RunSettings) -> dict:
     strategy.start(
         grid,
         initial_arrays=initial,
-        num_rounds=settings.rounds,
-        timeout=settings.round_timeout_s,
-        evaluate_config=ConfigRecord({"final-round": settings.rounds}),
+        num_rounds=server.rounds,
+        timeout=server.round_timeout,
+        evaluate_config=ConfigRecord({"final-round": server.rounds}),
     )
     latest = registry.latest()
     result = {
-        "strategy": settings.strategy,
+        "strategy": server.strategy,
         "rounds": strategy.rounds,
         "seconds": time.perf_counter() - start,
         "version": latest.version if latest else None,

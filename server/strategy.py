@@ -31,11 +31,11 @@ from flwr.serverapp.strategy import Strategy
 
 from ..common import federation as fed
 from ..common.base import BaseModel
-from ..common.config import TrainConfig
+from ..common.config import FusionConfig, TrainConfig
 from ..common.fused import FusedModel
 from ..common.package import ConceptPackage, PackageError
 from ..common.wire import fused_to_records, package_from_records
-from .fusion import FusionConfig, FusionEngine, FusionResult
+from .fusion import FusionEngine, FusionResult
 from .registry import Registry
 
 log = logging.getLogger("mos.server")
@@ -61,6 +61,7 @@ class ConceptFusionStrategy(Strategy):
         wait_clients_s: float = 300.0,
         max_package_bytes: int = 64 << 20,
         report: bool = True,
+        compare: bool = False,
         poll_s: float = 1.0,
     ) -> None:
         self.base = base
@@ -71,6 +72,7 @@ class ConceptFusionStrategy(Strategy):
         self.wait_clients_s = wait_clients_s
         self.max_package_bytes = max_package_bytes
         self.report = report
+        self.compare = compare
         self.poll_s = poll_s
         self.engine: FusionEngine | None = None
         self.current: tuple[int, ArrayRecord, ConfigRecord] | None = None
@@ -109,10 +111,11 @@ class ConceptFusionStrategy(Strategy):
         if self.report:
             from .report import fidelity, sample_grid
 
-            other = (
-                engine.weight_fusion() if result.strategy == "gradient-fusion" else engine.fuse()
-            )
-            report = fidelity(engine, [result, other])
+            results = [result]
+            if self.compare:  # the other strategy's fusion, for the report only
+                other = "weight_fusion" if result.strategy == "gradient-fusion" else "fuse"
+                results.append(getattr(engine, other)())
+            report = fidelity(engine, results)
             report.update(
                 strategy=result.strategy,
                 config=engine.config.model_dump(),
@@ -120,7 +123,7 @@ class ConceptFusionStrategy(Strategy):
                 objective=result.objective,
                 base={"source": self.base.source, "fingerprint": self.base.fingerprint},
             )
-            grid = sample_grid(engine, [result, other])
+            grid = sample_grid(engine, results)
         packages = [engine.packages[n] for n in names]
         fused = FusedModel.from_packages(result.strategy, result.factors, packages, engine.sources)
         mv = self.registry.publish(fused, report, grid)

@@ -86,7 +86,7 @@ def test_every_training_option_reaches_the_package(photo_dir, tmp_path):
         == 0
     )
     t = ConceptPackage.load(out).training
-    assert (t["lr_embedding"], t["lr_text_lora"], t["lr_unet_lora"]) == (0.002, 3e-5, 5e-4)
+    assert (t["lr_embedding"], t["lr_text"], t["lr_unet"]) == (0.002, 3e-5, 5e-4)
     assert (t["rank"], t["batch_size"], t["lora_dropout"], t["kv_dropout"]) == (2, 3, 0.1, 0.2)
     assert (t["seed"], t["resolution"], t["steps"], t["flip_p"]) == (7, 48, 2, 0.0)
     assert t["conv_rank"] == 3 and ConceptPackage.load(out).conv_rank == 3

@@ -14,13 +14,12 @@ from flwr.app import Array, ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from mos.client.client_app import (
-    DONE,
-    LATEST,
     ClientSettings,
     ClientSetupError,
     handle_evaluate,
     handle_train,
 )
+from mos.client.layout import DONE, LATEST
 from mos.common import federation as fed
 from mos.common.base import build_tiny
 from mos.common.config import TrainConfig
@@ -97,11 +96,17 @@ def test_pyproject_declares_the_flower_app_with_the_shared_defaults():
 
 def test_run_settings_validate_with_the_key_named():
     s = fed.RunSettings.from_run_config(fed.RUN_CONFIG_DEFAULTS)
-    assert s.train_config().steps == fed.RUN_CONFIG_DEFAULTS["steps"]
+    assert s.train.steps == fed.RUN_CONFIG_DEFAULTS["steps"]
+    assert s.fusion.mode == fed.RUN_CONFIG_DEFAULTS["fusion-mode"]
+    assert s == fed.RunSettings()
     with pytest.raises(fed.SettingsError, match="min-clients"):
         fed.RunSettings.from_run_config({**fed.RUN_CONFIG_DEFAULTS, "min-clients": 0})
     with pytest.raises(fed.SettingsError, match="strategy"):
         fed.RunSettings.from_run_config({**fed.RUN_CONFIG_DEFAULTS, "strategy": "fedavg"})
+    with pytest.raises(fed.SettingsError, match="fusion-steps"):
+        fed.RunSettings.from_run_config({"fusion-steps": 0})
+    with pytest.raises(fed.SettingsError, match="unknown key.*lr-text-lora"):
+        fed.RunSettings.from_run_config({"lr-text-lora": 1e-4})
 
 
 def test_server_and_simulation_options_reach_the_clients_training_settings(tmp_path):
@@ -113,17 +118,18 @@ def test_server_and_simulation_options_reach_the_clients_training_settings(tmp_p
         args = parser.parse_args([*extra, "--steps", "7", "--lr-embedding", "0.005",
                                   "--lr-text", "0.0001", "--lr-unet", "0.001",
                                   "--flip-p", "0"])  # fmt: skip
-        values = _overrides(args, tmp_path)
-        t = fed.RunSettings.from_run_config({**fed.RUN_CONFIG_DEFAULTS, **values}).train_config()
-        assert (t.steps, t.lr_embedding, t.lr_text_lora, t.lr_unet_lora) == (7, 5e-3, 1e-4, 1e-3)
+        values = _overrides(args)
+        t = fed.RunSettings.from_run_config({**fed.RUN_CONFIG_DEFAULTS, **values}).train
+        assert (t.steps, t.lr_embedding, t.lr_text, t.lr_unet) == (7, 5e-3, 1e-4, 1e-3)
         assert t.flip_p == 0.0
-        assert parser.parse_args(extra).flip_p == 0.5  # the paper's default stays
+        unset = fed.RunSettings.from_run_config(_overrides(parser.parse_args(extra)))
+        assert unset.train.flip_p == 0.5  # the model's default stays
         args = parser.parse_args([*extra, "--lr-unet", "-1"])
-        with pytest.raises(UsageError, match="lr-unet"):
-            _overrides(args, tmp_path)
+        with pytest.raises(UsageError, match="--lr-unet"):
+            _overrides(args)
         args = parser.parse_args([*extra, "--flip-p", "1.5"])
-        with pytest.raises(UsageError, match="flip-p"):
-            _overrides(args, tmp_path)
+        with pytest.raises(UsageError, match="--flip-p"):
+            _overrides(args)
 
 
 # --- records -------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def _concept_photos(kind: int, folder: Path) -> Path:
 def concept_files(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("concepts")
     files = []
-    config = TrainConfig(steps=60, batch_size=4, lr_unet_lora=3e-3, lr_text_lora=1e-3)
+    config = TrainConfig(steps=60, batch_size=4, lr_unet=3e-3, lr_text=1e-3)
     for kind, (name, cls) in enumerate([("dog1", "dog"), ("cat2", "cat"), ("toy3", "toy")]):
         photos = load_photo_folder(_concept_photos(kind, root / name))
         result = train_concept(build_tiny(), photos, name, cls, config, progress=False)

@@ -127,7 +127,7 @@ def locon_files(tmp_path_factory) -> list[Path]:
     files = []
     for kind, (name, cls, conv_rank) in enumerate([("chk1", "toy", 2), ("sun2", "cat", 0)]):
         config = TrainConfig(
-            steps=40, batch_size=4, lr_unet_lora=3e-3, lr_text_lora=1e-3, conv_rank=conv_rank
+            steps=40, batch_size=4, lr_unet=3e-3, lr_text=1e-3, conv_rank=conv_rank
         )
         kind_name = ("checker", "disc")[kind]
         photos = load_photo_folder(shape_photos(root / name, kind_name, seed=kind))

@@ -21,7 +21,7 @@ def trained(photo_dir, tmp_path):
         load_photo_folder(photo_dir),
         "dog1",
         "dog",
-        TrainConfig(steps=8, lr_unet_lora=1e-2, lr_text_lora=1e-2),
+        TrainConfig(steps=8, lr_unet=1e-2, lr_text=1e-2),
         progress=False,
     )
     path = result.package.save(tmp_path / "dog1.safetensors")

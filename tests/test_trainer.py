@@ -16,7 +16,7 @@ def test_only_new_embedding_rows_change(tiny, photo_dir):
         load_photo_folder(photo_dir),
         "dog1",
         "dog",
-        TrainConfig(steps=5, embedding_norm_threshold=None),
+        TrainConfig(steps=5, embedding_norm_threshold=0),
         progress=False,
     )
     after = tiny.text_encoder.get_input_embeddings().weight.detach()
@@ -76,7 +76,7 @@ def test_norm_threshold_freezes_embeddings(photo_dir):
         "dog1",
         "dog",
         TrainConfig(
-            steps=30, lr_embedding=0.05, embedding_norm_threshold=None, lr_schedule="constant"
+            steps=30, lr_embedding=0.05, embedding_norm_threshold=0, lr_schedule="constant"
         ),
         progress=False,
     )
@@ -92,7 +92,7 @@ def test_short_tuning_lowers_the_loss_on_a_fixed_batch(photo_dir):
         photos,
         "dog1",
         "dog",
-        TrainConfig(steps=1, lr_embedding=0, lr_text_lora=0, lr_unet_lora=0),
+        TrainConfig(steps=1, lr_embedding=0, lr_text=0, lr_unet=0),
         progress=False,
     )
     base0 = untrained.package  # a no-op step: the starting point
@@ -110,7 +110,7 @@ def test_short_tuning_lowers_the_loss_on_a_fixed_batch(photo_dir):
         photos,
         "dog1",
         "dog",
-        TrainConfig(steps=60, batch_size=4, lr_unet_lora=3e-3, lr_text_lora=1e-3),
+        TrainConfig(steps=60, batch_size=4, lr_unet=3e-3, lr_text=1e-3),
         progress=False,
     )
     after = denoising_loss(tiny1, trained.concepts, photos, caption)
@@ -214,7 +214,7 @@ def test_same_seed_same_package_and_checkpointing_changes_nothing(photo_dir):
     torch.manual_seed(123)
     a = run()
     state = torch.random.get_rng_state()
-    b = run(gradient_checkpointing=True)
+    b = run(gradient_checkpointing="on")
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
     assert a.lora.keys() == b.lora.keys()
     assert all(torch.allclose(a.lora[k], b.lora[k], atol=1e-6) for k in a.lora)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mos.client.client_app import CLIENT_FILE
 from mos.client.data import CAPTION_EXTENSION, MASK_SUFFIX, PLACEHOLDER
+from mos.client.layout import CLIENT_FILE
 from mos.common.adapters import AdapterCondition
 from mos.common.base import TOY, BaseModel, load_base_model
 from mos.common.config import TrainConfig
@@ -46,8 +46,8 @@ from .world import COLOURS, CONCEPTS, article, concept_photos_annotated, concept
 TOY_TRAINING = {
     "steps": 400,
     "lr_embedding": 5e-3,
-    "lr_text_lora": 1e-4,
-    "lr_unet_lora": 1e-3,
+    "lr_text": 1e-4,
+    "lr_unet": 1e-3,
     "flip_p": 0.0,
 }
 # LoRA on the UNet's up-block ResNet convolutions too (LoCon, beyond the paper; ``mos-client
