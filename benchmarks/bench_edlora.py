@@ -85,10 +85,10 @@ def _cpu_name() -> str:
 def run_one(args: argparse.Namespace) -> dict:
     """Train one method and measure it (runs inside the child process)."""
     from mos.client.data import load_photo_folder
-    from mos.client.demo import write_demo_photos
     from mos.client.trainer import train_concept
     from mos.common.base import build_tiny
     from mos.common.config import TrainConfig
+    from mos.toyworld.demo import write_demo_photos
 
     device = torch.device(args.device)
     base = build_tiny() if args.model == "tiny" else sd15_base()

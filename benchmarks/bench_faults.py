@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mos.client.demo import DEMO_CONCEPTS, write_demo_photos
 from mos.common.processes import Managed, flower_env, free_port
+from mos.toyworld.demo import DEMO_CONCEPTS, write_demo_photos
 
 BIN = Path(sys.executable).parent
 

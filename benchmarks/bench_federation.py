@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from mos.client.demo import DEMO_CONCEPTS, write_demo_photos
 from mos.common.base import build_tiny
 from mos.common.fused import FusedModel
 from mos.common.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, target_layer_names
 from mos.common.processes import Managed, flower_env, free_port
 from mos.common.wire import fused_to_records, package_to_records
 from mos.server.fusion import FusionEngine
+from mos.toyworld.demo import DEMO_CONCEPTS, write_demo_photos
 
 BIN = Path(sys.executable).parent
 

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +51,23 @@ class AdapterCondition:
     name: str = "adapter"
 
 
+ADAPTERS_GROUP = "mos.adapters"
+
+
+def named_adapters() -> dict[str, EntryPoint]:
+    """T2I-Adapters installed under a name (entry points in the ``mos.adapters`` group, each a
+    function that returns the adapter's folder); this package installs ``toy-sketch``."""
+    return {ep.name: ep for ep in entry_points(group=ADAPTERS_GROUP)}
+
+
 def load_adapter(spec: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A ``T2IAdapter`` from a local folder (``config.json`` + weights) or a hub id."""
+    """A ``T2IAdapter`` from an installed name (``named_adapters``), a local folder
+    (``config.json`` + weights) or a hub id."""
     from diffusers import T2IAdapter
 
     spec_str = str(spec)
-    path = Path(spec_str).expanduser()
+    named = named_adapters()
+    path = Path(named[spec_str].load()()) if spec_str in named else Path(spec_str).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise AdapterError(
@@ -69,7 +81,9 @@ def load_adapter(spec: str | Path, dtype: torch.dtype = torch.float32) -> torch.
         source = spec_str
     else:
         raise AdapterError(
-            f"adapter '{spec_str}' not found: give a local T2IAdapter folder or a hub id such as "
+            f"adapter '{spec_str}' not found: give "
+            + "".join(f"'{n}', " for n in sorted(named))
+            + "a local T2IAdapter folder or a hub id such as "
             "'TencentARC/t2iadapter_openpose_sd14v1'"
         )
     try:

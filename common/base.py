@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
-TOY = "toy"
+TOY = "toy"  # installed by mos.toyworld (the ``mos.bases`` entry point)
+BASES_GROUP = "mos.bases"
 # SD 1.x's noise schedule (scaled-linear betas, 1000 steps). clip_sample must stay off for
 # latent models (TOYWORLD-NOTES: clipping predicted latents wrecks sampling).
 SD_SCHEDULER_CONFIG = {
@@ -268,17 +270,25 @@ def build_tiny(seed: int = 0) -> BaseModel:
     return BaseModel.from_components(tokenizer, text_encoder, unet, vae, source)
 
 
-def build_toy() -> BaseModel:
-    """The toy world's trained base model (weights shipped with the package)."""
-    from mos.toyworld.model import TOY_SCHEDULER_CONFIG, load_toy_components
+def named_bases() -> dict[str, EntryPoint]:
+    """Base models installed under a name (entry points in the ``mos.bases`` group, each a
+    function that returns a ``BaseModel``); this package installs ``toy``."""
+    return {ep.name: ep for ep in entry_points(group=BASES_GROUP)}
 
+
+def load_named_base(name: str) -> BaseModel:
+    """The base model installed as ``name`` (see ``named_bases``)."""
+    bases = named_bases()
+    if name not in bases:
+        known = ", ".join(sorted(bases)) or "none"
+        raise BaseModelError(f"no base model is installed as {name!r} (installed: {known})")
     try:
-        tokenizer, text_encoder, unet, vae, _ = load_toy_components()
+        base = bases[name].load()()
     except (FileNotFoundError, ValueError) as err:
         raise BaseModelError(str(err)) from err
-    return BaseModel.from_components(
-        tokenizer, text_encoder, unet, vae, TOY, dict(TOY_SCHEDULER_CONFIG)
-    )
+    if not isinstance(base, BaseModel):
+        raise BaseModelError(f"the base model installed as {name!r} is not a BaseModel")
+    return base
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -293,7 +303,8 @@ def load_base_model(
     """Load a base model from ``spec``.
 
     - ``tiny`` (or ``tiny:SEED``): the built-in tiny model (random weights);
-    - ``toy``: the toy world's trained base model (``mos.toyworld``, 32 px shapes);
+    - a name installed in the ``mos.bases`` entry-point group (``named_bases``), such as
+      ``toy``: the toy world's trained base model (``mos.toyworld``, 32 px shapes);
     - a folder with ``model_index.json``: a diffusers Stable Diffusion folder;
     - a ``.safetensors`` file: a single-file SD 1.x checkpoint (original LDM key names).
       Offline it needs ``config``, a local diffusers folder of the same architecture
@@ -301,8 +312,8 @@ def load_base_model(
     - anything shaped ``owner/name``: a Hugging Face hub id (needs the network).
     """
     spec_str = str(spec)
-    if spec_str == TOY:
-        return build_toy().to("cpu", dtype)
+    if spec_str in named_bases():
+        return load_named_base(spec_str).to("cpu", dtype)
     if spec_str == TINY or spec_str.startswith(TINY + ":"):
         seed_text = spec_str.partition(":")[2] or "0"
         if not seed_text.isdigit():
@@ -328,7 +339,9 @@ def load_base_model(
     if _HUB_ID.match(spec_str):
         return _load_hub(spec_str, dtype)
     raise BaseModelError(
-        f"base model '{spec_str}' not found: give 'tiny', a diffusers folder, "
+        f"base model '{spec_str}' not found: give "
+        + "".join(f"'{n}', " for n in [TINY, *sorted(named_bases())])
+        + "a diffusers folder, "
         "a single-file .safetensors checkpoint, or a hub id such as "
         "'stable-diffusion-v1-5/stable-diffusion-v1-5'"
     )

@@ -22,7 +22,6 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 Model = TypeVar("Model", bound=BaseModel)
 RunConfigValue = str | int | float | bool
@@ -87,9 +86,7 @@ def scalar_fields(model: type[BaseModel]) -> dict[str, FieldInfo]:
 
 
 def _default(f: FieldInfo) -> Any:
-    if f.default is not PydanticUndefined:
-        return f.default
-    return f.default_factory() if f.default_factory else None  # type: ignore[call-arg]
+    return None if f.is_required() else f.get_default(call_default_factory=True)
 
 
 def add_options(

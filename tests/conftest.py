@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from mos.client.demo import draw_sprite_photo
 from mos.common.base import BaseModel, build_tiny
 from mos.common.concepts import Concept
 from mos.common.package import ConceptPackage, expected_lora_shapes
+from mos.toyworld.demo import draw_sprite_photo
 
 
 @pytest.fixture

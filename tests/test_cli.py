@@ -265,7 +265,7 @@ def test_joining_checks_tls_and_trust_files_before_starting_anything(
 
 
 def test_mos_demo_refuses_zero_fusion_steps_before_writing_anything(tmp_path, capsys):
-    from mos.client.demo import main as demo_main
+    from mos.toyworld.demo import main as demo_main
 
     with pytest.raises(SystemExit) as exc:
         demo_main(["--out", str(tmp_path / "demo"), "--fusion-steps", "0"])

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mos.client.demo import DEMO_CONCEPTS, TOY_DEMO_CONCEPTS, write_demo_photos
 from mos.common.fused import FusedModel
 from mos.common.processes import Managed, free_port
+from mos.toyworld.demo import DEMO_CONCEPTS, TOY_DEMO_CONCEPTS, write_demo_photos
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(

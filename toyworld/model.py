@@ -18,16 +18,16 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from mos.common.base import build_components, tiny_configs
+from mos.common.base import TOY, BaseModel, build_components, tiny_configs
 from mos.common.files import atomic_write
 from mos.common.tokenizer import build_tiny_tokenizer, default_words
 
 from .world import WORDS
 
 WEIGHTS = Path(__file__).parent / "weights" / "toy-base.safetensors"
+SKETCH_ADAPTER = Path(__file__).parent / "weights" / "toy-sketch-adapter"
 UNET_CHANNELS = (48, 96, 96)  # the committed base's UNet block widths
 WEIGHTS_ENV = "MOS_TOY_WEIGHTS"  # another toy base file instead of the committed one
-TOY = "toy"
 # DDPM's linear betas instead of SD's scaled-linear ones, and v-prediction (as SD 2.x).
 # With SD's schedule the last timestep keeps sqrt(alpha_bar) = 0.07 of the latent, and on
 # 16x16 latents the image's mean colour then shows through the noise as clearly as the
@@ -146,3 +146,18 @@ def load_toy_components(
             module.load_state_dict(state, strict=True)
     vae.register_to_config(scaling_factor=float(meta["vae_scaling_factor"]))
     return tokenizer, text_encoder, unet, vae, json.loads(meta.get("info", "{}"))
+
+
+def toy_base() -> BaseModel:
+    """The toy world's trained base model (``--base-model toy``; the ``mos.bases`` entry
+    point ``toy``)."""
+    tokenizer, text_encoder, unet, vae, _ = load_toy_components()
+    return BaseModel.from_components(
+        tokenizer, text_encoder, unet, vae, TOY, dict(TOY_SCHEDULER_CONFIG)
+    )
+
+
+def toy_sketch_adapter() -> Path:
+    """The toy model's sketch T2I-Adapter folder (``--adapter toy-sketch``; the
+    ``mos.adapters`` entry point ``toy-sketch``)."""
+    return SKETCH_ADAPTER

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .layout import CLIENT_FILE
+from mos.client.layout import CLIENT_FILE
 
 
 def draw_sprite_photo(rng: random.Random, size: int = 96) -> Image.Image:
@@ -124,18 +124,19 @@ TOY_DEMO_CONCEPTS = ("checker", "halfmoon", "house")
 
 def write_toy_folders(root: Path, count: int = 8) -> list[Path]:
     """One photo folder per toy-world demo client, each with its ``.mos-client.json``."""
-    from ..toyworld.evaluate import write_concept_folder
+    from .evaluate import write_concept_folder
 
     return [write_concept_folder(root / name, name, count, seed=0) for name in TOY_DEMO_CONCEPTS]
 
 
 def compose(out: Path, names: list[str], seeds: int = 4) -> Path:
     """Draw ``names`` side by side from the latest fused model; report where each is found."""
-    from ..common.base import load_base_model
-    from ..common.fused import COMPACT_FILE, FusedModel
-    from ..common.images import image_grid
-    from ..common.pipeline import MixOfShowPipeline
-    from ..toyworld import evaluate as ev
+    from mos.common.base import load_base_model
+    from mos.common.fused import COMPACT_FILE, FusedModel
+    from mos.common.images import image_grid
+    from mos.common.pipeline import MixOfShowPipeline
+
+    from . import evaluate as ev
 
     models = sorted((out / "server" / "models").glob("v*"), key=lambda p: int(p.name[1:]))
     fused = FusedModel.load_compact(models[-1] / COMPACT_FILE)
@@ -159,7 +160,7 @@ def compose(out: Path, names: list[str], seeds: int = 4) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..server.launch import simulate_main
+    from mos.server.launch import simulate_main
 
     p = argparse.ArgumentParser(prog="mos-demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo-out"))
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     training = ["--steps", str(args.steps or 300)]
     conv_rank = args.conv_rank if args.conv_rank is not None else 0
     if toy:
-        from ..toyworld.evaluate import TOY_LOCON, TOY_TRAINING
+        from .evaluate import TOY_LOCON, TOY_TRAINING
 
         t = TOY_TRAINING
         if args.conv_rank is None:
