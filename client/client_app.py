@@ -42,7 +42,7 @@ from ..common.config import TrainConfig
 from ..common.files import atomic_write
 from ..common.package import ConceptPackage, PackageError, attach_package
 from ..common.pipeline import MixOfShowPipeline
-from ..common.wire import digest, fused_from_records, package_to_records
+from ..common.wire import fused_from_records, package_to_records
 from .data import PhotoFolderError, load_photo_folder
 from .layout import CLIENT_FILE, DONE, FUSED_DIR, PACKAGE_FILE, PACKAGE_INFO, write_latest
 from .trainer import denoising_loss, train_concept
@@ -208,7 +208,7 @@ def handle_train(msg: Message, settings: ClientSettings) -> Message:
         seconds = time.perf_counter() - start
         package = result.package
         package.save(settings.model_dir / PACKAGE_FILE)
-        info = json.dumps({"key": key, "sha256": digest(package.tensors())})
+        info = json.dumps({"key": key, "sha256": package.sha256})
         atomic_write(settings.model_dir / PACKAGE_INFO, lambda tmp: Path(tmp).write_text(info))
     else:
         log.info("reusing the package tuned before for <%s>", settings.concept)
@@ -222,7 +222,7 @@ def handle_train(msg: Message, settings: ClientSettings) -> Message:
         }
     )
     registered = json.loads(str(cfg.get("registered", "{}")))
-    if registered.get(settings.concept) == digest(package.tensors()):
+    if registered.get(settings.concept) == package.sha256:
         manifest = ConfigRecord({"status": "registered", "concept": package.concept.token})
         return _reply(msg, **{fed.MANIFEST: manifest, fed.METRICS: metrics})
     arrays, manifest = package_to_records(package)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .base import BaseModel
+from .checksum import digest
 from .concepts import Concept, ConceptError
 from .edlora import add_concept_tokens, write_embeddings
 from .files import atomic_write
@@ -80,6 +82,12 @@ class ConceptPackage:
             "training": json.dumps(self.training, sort_keys=True),
             "metrics": json.dumps(self.metrics, sort_keys=True),
         }
+
+    @cached_property
+    def sha256(self) -> str:
+        """The digest of ``tensors()`` as they travel (computed once; a package is not
+        changed after it is built)."""
+        return digest(self.tensors())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {k: v.detach().to("cpu").contiguous() for k, v in self.lora.items()}

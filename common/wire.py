@@ -7,20 +7,19 @@ pickled: Flower serialises arrays with ``np.save(allow_pickle=False)``, and
 :func:`arrays_to_tensors` checks every array's declared dtype, shape and byte size against
 a limit *before* decoding it.
 
-Both directions carry a SHA-256 :func:`digest` over names, dtypes, shapes and bytes, so
+Both directions carry a SHA-256 (``checksum.digest``) over names, dtypes, shapes and bytes, so
 the receiver can tell that what it stores is what was sent.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from .checksum import digest, wire_numpy
 from .fused import FusedModel
 from .package import MAX_PACKAGE_BYTES, ConceptPackage, PackageError
 
@@ -28,16 +27,9 @@ WIRE_DTYPES = {"float16": 2, "float32": 4}
 MAX_FUSED_BYTES = 4 << 30  # a fused SD 1.x model of 50 rank-4 concepts is ~0.2 GB
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().to("cpu")
-    if t.dtype not in (torch.float16, torch.float32):
-        t = t.float()
-    return t.contiguous().numpy()
-
-
 def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     """``{name: tensor}`` as an ``ArrayRecord`` of fp16/fp32 NumPy arrays (sorted names)."""
-    return ArrayRecord({k: Array(_to_numpy(tensors[k])) for k in sorted(tensors)})
+    return ArrayRecord({k: Array(wire_numpy(tensors[k])) for k in sorted(tensors)})
 
 
 def arrays_to_tensors(
@@ -67,22 +59,11 @@ def arrays_to_tensors(
     return out
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over sorted names, dtypes, shapes and the bytes as they travel."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        nd = _to_numpy(tensors[key])
-        h.update(f"{key}|{nd.dtype}|{list(nd.shape)}|".encode())
-        h.update(nd.tobytes())
-    return h.hexdigest()
-
-
 def package_to_records(package: ConceptPackage) -> tuple[ArrayRecord, ConfigRecord]:
     """A package as (arrays, manifest). The manifest carries the digest of the arrays."""
-    tensors = package.tensors()
     manifest = dict(package.metadata())
-    manifest["sha256"] = digest(tensors)
-    return tensors_to_arrays(tensors), ConfigRecord(manifest)
+    manifest["sha256"] = package.sha256
+    return tensors_to_arrays(package.tensors()), ConfigRecord(manifest)
 
 
 def package_from_records(
@@ -91,13 +72,18 @@ def package_from_records(
     max_bytes: int = MAX_PACKAGE_BYTES,
     origin: str = "reply",
 ) -> ConceptPackage:
-    """Validate and rebuild a package (format, sizes, digest, shapes, finite values)."""
+    """Validate and rebuild a package (format, sizes, digest, shapes, finite values). The
+    manifest must carry the arrays' SHA-256; it is computed once here and kept as the
+    package's ``sha256``."""
     meta = {k: v for k, v in manifest.items() if isinstance(v, str)}
+    sent = meta.pop("sha256", "")
+    if not sent:
+        raise PackageError(f"{origin}: the manifest has no sha256 of its arrays")
     tensors = arrays_to_tensors(arrays, max_bytes, origin)
-    sent = meta.pop("sha256", None)
-    if sent is not None and sent != digest(tensors):
+    package = ConceptPackage.from_parts(tensors, meta, origin=origin)
+    if package.sha256 != sent:
         raise PackageError(f"{origin}: the arrays do not match the manifest's sha256")
-    return ConceptPackage.from_parts(tensors, meta, origin=origin)
+    return package
 
 
 def fused_to_records(fused: FusedModel, version: int) -> tuple[ArrayRecord, ConfigRecord]:

@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> Path:
             raise PackageError(f"{path}: {err}") from err
     base.to(device)
     sources = [str(p) for p in args.concepts]
-    engine = FusionEngine(base, packages, config, sources)
+    engine = FusionEngine(base, [], config)
+    for pkg, source in zip(packages, sources, strict=True):
+        engine.add(pkg, source, checked=True)  # checked above, each named by its file
     log.info(
         "fusing %d concepts on %s (%s, %s solver)",
         len(packages),

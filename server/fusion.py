@@ -181,15 +181,19 @@ class FusionEngine:
                 log.info("%s: spatial statistics dropped (convolution adapters added)", name)
 
     # --- concepts ---------------------------------------------------------------------
-    def add(self, package: ConceptPackage, source: str | None = None) -> None:
-        """Attach a concept: check it against the base, add its tokens and embeddings."""
+    def add(
+        self, package: ConceptPackage, source: str | None = None, *, checked: bool = False
+    ) -> None:
+        """Attach a concept: check it against the base (unless the caller has: ``checked``),
+        add its tokens and embeddings."""
         name = package.concept.name
         source = source or package.concept.token
         if name in self.packages:
             raise PackageError(
                 f"{source}: concept {package.concept.token} is already taken by {self.sources[name]}"
             )
-        package.check_against(self.base)
+        if not checked:
+            package.check_against(self.base)
         if package.conv_rank and not self.conv:
             self._add_conv_layers()
         vocab = self.base.tokenizer.get_vocab()

@@ -28,7 +28,6 @@ from ..common.base import BaseModel
 from ..common.files import atomic_write
 from ..common.fused import COMPACT_FILE, CONCEPTS_FILE, FusedModel
 from ..common.package import ConceptPackage, PackageError
-from ..common.wire import digest
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ class Registry:
         self.base_source = base_source
         self.entries: dict[str, Entry] = {}
         self.models: list[ModelVersion] = []
+        self._packages: dict[str, ConceptPackage] = {}
 
     # --- persistence ---------------------------------------------------------------
     @classmethod
@@ -134,7 +134,7 @@ class Registry:
         if name not in self.entries:
             return "new"
         entry = self.entries[name]
-        if entry.sha256 == digest(package.tensors()):
+        if entry.sha256 == package.sha256:
             return "known"
         raise PackageError(
             f"{origin}: concept {package.concept.token} is already registered from "
@@ -144,13 +144,15 @@ class Registry:
     def accept(
         self, package: ConceptPackage, origin: str, node_id: int = 0, round: int = 0
     ) -> Entry:
-        """Store a validated package (file first, then the index)."""
+        """Store a validated package (file first, then the index); it stays in memory, so
+        fusing it reads nothing back."""
         name = package.concept.name
         package.save(self.package_path(name))
+        self._packages[name] = package
         entry = Entry(
             name=name,
             token=package.concept.token,
-            sha256=digest(package.tensors()),
+            sha256=package.sha256,
             origin=origin,
             node_id=node_id,
             round=round,
@@ -162,7 +164,10 @@ class Registry:
         return entry
 
     def package(self, name: str) -> ConceptPackage:
-        return ConceptPackage.load(self.package_path(name))
+        """An accepted package: the one in memory, or (after a restart) read and validated."""
+        if name not in self._packages:
+            self._packages[name] = ConceptPackage.load(self.package_path(name))
+        return self._packages[name]
 
     def registered(self) -> dict[str, str]:
         """``{concept name: sha256}`` of every accepted package."""

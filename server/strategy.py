@@ -90,7 +90,11 @@ class ConceptFusionStrategy(Strategy):
             self.engine = FusionEngine(self.base, [], self.fusion_config)
         for name, entry in self.registry.entries.items():
             if name not in self.engine.packages:
-                self.engine.add(self.registry.package(name), entry.origin or entry.token)
+                # accepted packages were checked against this base; one read back after a
+                # restart was written by a server with the same base (Registry.open)
+                self.engine.add(
+                    self.registry.package(name), entry.origin or entry.token, checked=True
+                )
                 stats = self.registry.load_stats(name)
                 if stats:
                     self.engine.load_statistics(name, stats)

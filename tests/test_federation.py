@@ -22,11 +22,11 @@ from mos.client.client_app import (
 from mos.client.layout import DONE, LATEST
 from mos.common import federation as fed
 from mos.common.base import build_tiny
+from mos.common.checksum import digest
 from mos.common.config import TrainConfig
 from mos.common.fused import FusedModel
 from mos.common.package import PackageError
 from mos.common.wire import (
-    digest,
     fused_from_records,
     fused_to_records,
     package_from_records,
@@ -150,6 +150,9 @@ def test_package_round_trips_through_records_and_bf16_goes_as_fp32():
 def test_tampered_oversized_or_lying_records_are_refused():
     base = build_tiny()
     arrays, manifest = package_to_records(random_package(base, "dog1", seed=1))
+    unsigned = ConfigRecord({k: v for k, v in manifest.items() if k != "sha256"})
+    with pytest.raises(PackageError, match="no sha256"):  # uploads must carry their digest
+        package_from_records(arrays, unsigned)
     key = next(iter(arrays))
     good = arrays[key]
     arrays[key] = Array(good.numpy() + 1)
@@ -180,7 +183,7 @@ def test_fused_model_round_trips_and_is_verified(tmp_path):
 
 
 # --- strategies ----------------------------------------------------------------------
-def test_a_round_accepts_good_packages_and_rejects_bad_ones_with_reasons(tmp_path):
+def test_a_round_accepts_good_packages_and_rejects_bad_ones_with_reasons(tmp_path, monkeypatch):
     base = build_tiny()
     s = strategy(tmp_path, base)
     grid = FakeGrid([1, 2, 3, 4, 5, 6])
@@ -200,7 +203,14 @@ def test_a_round_accepts_good_packages_and_rejects_bad_ones_with_reasons(tmp_pat
         unavailable(msgs[5]),
         # node 6 never answers
     ]
+
+    # single pass: an accepted package is fused from memory, never read back from disk
+    def no_read_back(*args, **kwargs):
+        raise AssertionError("a package was read back")
+
+    monkeypatch.setattr("mos.common.package.ConceptPackage.load", no_read_back)
     arrays, metrics = s.aggregate_train(1, replies)
+    monkeypatch.undo()
     record = s.rounds[-1]
     assert record["accepted"] == ["dog1"]
     reasons = {r["node"]: r["reason"] for r in record["rejected"]}
