@@ -287,12 +287,23 @@ def test_mos_fuse_with_the_reference_solver_and_weights(concept_files, tmp_path)
     out = tmp_path / "ref"
     args = ["--concepts", *map(str, concept_files[:2]), "--out", str(out), "--no-grid"]
     assert (
-        fuse_main([*args, "--solver", "lbfgs", "--mode", "independent", "--gram-dtype", "float32"])
+        fuse_main(
+            [
+                *args,
+                "--solver",
+                "lbfgs",
+                "--mode",
+                "independent",
+                "--gram-dtype",
+                "float32",
+                "--compare",
+            ]
+        )  # fmt: skip
         == 0
     )
     report = json.loads((out / "fusion_report.json").read_text())
     assert report["config"]["solver"] == "lbfgs" and report["config"]["gram_dtype"] == "float32"
-    assert set(report["mean"]) == {"gradient-fusion", "weight-fusion"}
+    assert set(report["mean"]) == {"gradient-fusion", "weight-fusion"}  # --compare: both
     out2 = tmp_path / "wf"
     assert (
         fuse_main(
@@ -313,6 +324,8 @@ def test_mos_fuse_with_the_reference_solver_and_weights(concept_files, tmp_path)
     )
     compact = FusedModel.load_compact(out2 / "fused.safetensors")
     assert compact.strategy == "weight-fusion"
+    # without --compare the report holds the chosen strategy alone (no gradient fusion ran)
+    assert set(json.loads((out2 / "fusion_report.json").read_text())["mean"]) == {"weight-fusion"}
     dog = ConceptPackage.load(concept_files[0])
     key = next(iter(compact.factors))
     up, down = compact.factors[key]
