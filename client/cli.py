@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..common.base import TINY, BaseModel, BaseModelError, load_base_model
 from ..common.cli import UsageError, config_from, default_class_word, resolve_device, run_command
@@ -172,7 +173,7 @@ def validation_grid(base, concepts, token: str, steps: int, seed: int):
     prompts = [p.format(token) for p in VALIDATION_PROMPTS]
     rows = []
     for prompt in prompts:
-        row = []
+        row: list[Image.Image] = []
         for scale in VALIDATION_SCALES:
             gen = torch.Generator().manual_seed(seed)
             row += pipe(prompt, num_inference_steps=steps, generator=gen, lora_scale=scale)

@@ -131,7 +131,10 @@ def read_scene(path: Path) -> Scene:
         raise UsageError(f"--scene {path}: no such file")
     try:
         if path.suffix.lower() == ".png":
-            text = Image.open(path).text.get(SCENE_KEY)
+            with Image.open(path) as img:
+                if not isinstance(img, PngImagePlugin.PngImageFile):
+                    raise UsageError(f"--scene {path}: not a PNG file")
+                text = img.text.get(SCENE_KEY)
             if text is None:
                 raise UsageError(f"{path} carries no {SCENE_KEY} scene")
             data = json.loads(text)
@@ -310,7 +313,7 @@ def run(args: argparse.Namespace) -> Path:
     adapters = load_conditions(scene)
     for cond in adapters:
         cond.adapter.to(base.device)
-    images = []
+    images: list[Image.Image] = []
     for k in range(args.grid):
         gen = torch.Generator().manual_seed(scene.seed + k)
         images += pipe(

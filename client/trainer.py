@@ -379,8 +379,8 @@ def _train(
         if gc:
             base.unet.disable_gradient_checkpointing()
             base.text_encoder.gradient_checkpointing_disable()
-        for p in te_params + unet_params:
-            p.requires_grad_(False)
+        for param in te_params + unet_params:
+            param.requires_grad_(False)
     seconds = time.perf_counter() - start
     embeddings = trained.view(len(concept.words), copies, -1).float().cpu()
     tail = losses[-max(1, len(losses) // 10) :]

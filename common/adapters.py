@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import T2IAdapter, UNet2DConditionModel
 from PIL import Image, UnidentifiedImageError
 
 from .regions import Box, box_mask
@@ -44,7 +45,7 @@ class AdapterCondition:
     weight); give one entry per region, or none at all.
     """
 
-    adapter: torch.nn.Module
+    adapter: T2IAdapter
     image: Image.Image | torch.Tensor
     weight: float = 1.0
     region_weights: Sequence[float | None] = field(default_factory=tuple)
@@ -60,11 +61,9 @@ def named_adapters() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ADAPTERS_GROUP)}
 
 
-def load_adapter(spec: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_adapter(spec: str | Path, dtype: torch.dtype = torch.float32) -> T2IAdapter:
     """A ``T2IAdapter`` from an installed name (``named_adapters``), a local folder
     (``config.json`` + weights) or a hub id."""
-    from diffusers import T2IAdapter
-
     spec_str = str(spec)
     named = named_adapters()
     path = Path(named[spec_str].load()()) if spec_str in named else Path(spec_str).expanduser()
@@ -193,7 +192,7 @@ def adapter_features(
     return summed
 
 
-def check_adapter_fits(adapter: torch.nn.Module, unet: torch.nn.Module, vae_factor: int) -> None:
+def check_adapter_fits(adapter: T2IAdapter, unet: UNet2DConditionModel, vae_factor: int) -> None:
     """Refuse an adapter built for another UNet (channels per level, total downscale)."""
     cfg = adapter.config
     unet_channels = list(unet.config.block_out_channels)

@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .regions import combine
 
 
-def cross_attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
+def cross_attention_layers(unet: UNet2DConditionModel) -> list[tuple[str, Attention]]:
     """``[(name, attn2 module)]`` in the paper's order: down -> mid -> up."""
     layers: list[tuple[str, Attention]] = []
     blocks: list[tuple[str, nn.Module | None]] = [

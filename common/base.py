@@ -127,7 +127,10 @@ class BaseModel:
         """
         te = self.text_encoder
         te_prefix = "text_encoder" if hasattr(te, "text_model") else "text_encoder.text_model"
-        out = [(te_prefix, te, TEXT_ENCODER_TARGETS), ("unet", self.unet, UNET_TARGETS)]
+        out: list[tuple[str, torch.nn.Module, tuple[str, ...]]] = [
+            (te_prefix, te, TEXT_ENCODER_TARGETS),
+            ("unet", self.unet, UNET_TARGETS),
+        ]
         if conv:
             out.append(("unet", self.unet, UNET_CONV_TARGETS))
         return out

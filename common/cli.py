@@ -50,9 +50,10 @@ def run_command(
     if in_main:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _raise_interrupt)
+    known: tuple[type[BaseException], ...] = (UsageError, *errors)
     try:
         run(args)
-    except (UsageError, *errors) as err:
+    except known as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

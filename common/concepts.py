@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from transformers import CLIPTextModel
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 METHODS = ("edlora", "lora")
@@ -154,7 +154,7 @@ def _replace(text: str, token: str, new: str) -> str:
 
 
 def encode_prompts(
-    text_encoder: nn.Module,
+    text_encoder: CLIPTextModel,
     tokenizer,
     prompts: Sequence[str],
     concepts: ConceptTable,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers import CLIPTextModel
 
 from .base import BaseModel
 from .concepts import Concept, ConceptError
@@ -82,6 +83,9 @@ def write_embeddings(base: BaseModel, concept: Concept, embeddings: torch.Tensor
 class TrainableRows(nn.Module):
     """An embedding whose rows ``ids`` come from the trainable ``rows`` parameter."""
 
+    ids: torch.Tensor
+    lookup: torch.Tensor
+
     def __init__(self, embedding: nn.Embedding, ids: list[int]) -> None:
         super().__init__()
         self.embedding = embedding
@@ -107,7 +111,7 @@ class TrainableRows(nn.Module):
 
 
 @contextlib.contextmanager
-def trainable_rows(text_encoder: nn.Module, ids: list[int]) -> Iterator[TrainableRows]:
+def trainable_rows(text_encoder: CLIPTextModel, ids: list[int]) -> Iterator[TrainableRows]:
     """Swap in ``TrainableRows`` for the token embedding; on exit write the rows back."""
     original = text_encoder.get_input_embeddings()
     module = TrainableRows(original, ids)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,16 +107,14 @@ class RunSettings(_Model):
         for k, v in run_config.items():
             section, name = RUN_CONFIG_LAYOUT[k]
             sections[section][name] = v
-        models = {"server": ServerSettings, "train": TrainConfig, "fusion": FusionConfig}
-        prefixes = {"server": "", "train": "", "fusion": FUSION_PREFIX}
-        built = {}
-        for section, values in sections.items():
-            prefix = prefixes[section]
-            try:
-                built[section] = build(models[section], values, lambda f, p=prefix: key(f, p))
-            except SettingsError as err:
-                raise SettingsError(f"run config: {err}") from err
-        return cls(**built)
+        try:
+            return cls(
+                server=build(ServerSettings, sections["server"], key),
+                train=build(TrainConfig, sections["train"], key),
+                fusion=build(FusionConfig, sections["fusion"], partial(key, prefix=FUSION_PREFIX)),
+            )
+        except SettingsError as err:
+            raise SettingsError(f"run config: {err}") from err
 
     def to_run_config(self) -> dict[str, str | int | float | bool]:
         return {

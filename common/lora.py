@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +45,15 @@ class _LowRank:
     in_features: int
     out_features: int
     weight: torch.Tensor
-    lora_A: nn.Module
-    lora_B: nn.Module
+    lora_A: nn.Linear | nn.Conv2d
+    lora_B: nn.Linear | nn.Conv2d
+    lora_dropout: nn.Module
     scale: float
     batched: tuple[torch.Tensor, torch.Tensor] | None
 
     def _adapter_pair(
         self, rank: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[nn.Module, nn.Module]:
+    ) -> tuple[nn.Linear | nn.Conv2d, nn.Linear | nn.Conv2d]:
         raise NotImplementedError
 
     def _describe(self) -> str:
@@ -59,7 +61,7 @@ class _LowRank:
 
     @property
     def rank(self) -> int:
-        return self.lora_A.weight.shape[0]
+        return int(self.lora_A.weight.shape[0])
 
     def _init_adapter(self, rank: int, dropout: float) -> None:
         if rank < 1 or rank > min(self.in_features, self.out_features):
@@ -130,7 +132,7 @@ class LoRALinear(_LowRank, nn.Linear):
 
     def _adapter_pair(
         self, rank: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[nn.Module, nn.Module]:
+    ) -> tuple[nn.Linear | nn.Conv2d, nn.Linear | nn.Conv2d]:
         a = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         b = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
         return a, b
@@ -197,13 +199,30 @@ class LoRAConv2d(_LowRank, nn.Conv2d):
 
     def _adapter_pair(
         self, rank: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[nn.Module, nn.Module]:
+    ) -> tuple[nn.Linear | nn.Conv2d, nn.Linear | nn.Conv2d]:
         a = nn.Conv2d(
-            self.in_channels, rank, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.in_channels, rank, self._kernel, self._stride, self._padding, self._dilation,
             bias=False, device=device, dtype=dtype,
         )  # fmt: skip
         b = nn.Conv2d(rank, self.out_channels, 1, bias=False, device=device, dtype=dtype)
         return a, b
+
+    # nn.Conv2d's attributes as its constructor takes them (torch types them loosely)
+    @property
+    def _kernel(self) -> tuple[int, int]:
+        return cast(tuple[int, int], self.kernel_size)
+
+    @property
+    def _stride(self) -> tuple[int, int]:
+        return cast(tuple[int, int], self.stride)
+
+    @property
+    def _padding(self) -> str | tuple[int, int]:
+        return cast("str | tuple[int, int]", self.padding)
+
+    @property
+    def _dilation(self) -> tuple[int, int]:
+        return cast(tuple[int, int], self.dilation)
 
     def _describe(self) -> str:
         kh, kw = self.kernel_size
@@ -233,7 +252,9 @@ class LoRAConv2d(_LowRank, nn.Conv2d):
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch, positions, in * kh * kw]``: the im2col inputs the layer multiplies, in
         the order of ``weight.reshape(out, -1)``; ``conv(x) = patches(x) @ W^T`` (+ bias)."""
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        cols = F.unfold(
+            x, self._kernel, self._dilation, cast(tuple[int, int], self.padding), self._stride
+        )
         return cols.transpose(1, 2)
 
     def delta_weight(self) -> torch.Tensor:
@@ -243,8 +264,8 @@ class LoRAConv2d(_LowRank, nn.Conv2d):
     def to_conv(self, merge: bool = False) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with the same base parameters (merged with the update if asked)."""
         conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, bias=self.bias is not None, device="meta",
+            self.in_channels, self.out_channels, self._kernel, self._stride, self._padding,
+            self._dilation, bias=self.bias is not None, device="meta",
         )  # fmt: skip
         conv.weight = self.weight
         conv.bias = self.bias
@@ -327,7 +348,7 @@ def inject_lora(
         if isinstance(module, nn.Conv2d):
             lora: LoRALayer = LoRAConv2d(module, rank=rank, dropout=dropout)
         else:
-            lora = LoRALinear(module, rank=rank, dropout=dropout)
+            lora = LoRALinear(cast(nn.Linear, module), rank=rank, dropout=dropout)
         _set_submodule(model, name, lora)
         layers[name] = lora
     if not layers:

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -262,10 +263,11 @@ def expected_lora_shapes(
         for name in target_layer_names(model, targets):
             layer = model.get_submodule(name)
             if isinstance(layer, torch.nn.Conv2d):
-                a = (conv_rank, layer.in_channels, *layer.kernel_size)
-                b = (layer.out_channels, conv_rank, 1, 1)
+                a: tuple[int, ...] = (conv_rank, layer.in_channels, *layer.kernel_size)
+                b: tuple[int, ...] = (layer.out_channels, conv_rank, 1, 1)
             else:
-                a, b = (rank, layer.in_features), (layer.out_features, rank)
+                linear = cast(torch.nn.Linear, layer)
+                a, b = (rank, linear.in_features), (linear.out_features, rank)
             shapes[f"{prefix}.{name}.lora_A.weight"] = a
             shapes[f"{prefix}.{name}.lora_B.weight"] = b
     return shapes

@@ -183,6 +183,7 @@ class MixOfShowPipeline:
         levels = len(b.unet.config.block_out_channels)
         sizes = latent_sizes(lh, lw, levels)
         full_masks = [region_masks([r.box for r in regions], h, w) for h, w in sizes]
+        attention: contextlib.AbstractContextManager[object]
         if regions:
             masks = {h * w: m for (h, w), m in zip(sizes, full_masks, strict=True)}
             attention = regional_cross_attention(b.unet, masks, b.tokenizer.model_max_length)
@@ -205,8 +206,8 @@ class MixOfShowPipeline:
                 (inside, {c.shape[-2] * c.shape[-1]: c[inside].flatten(1) for c in crops})
             )
 
-        for cond in adapters:
-            check_adapter_fits(cond.adapter, b.unet, factor)
+        for condition in adapters:
+            check_adapter_fits(condition.adapter, b.unet, factor)
         features = adapter_features(
             adapters, [r.box for r in regions], width, height, device, dtype
         )

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_packages(paths: list[Path]) -> list[ConceptPackage]:
     """Load every package, naming the file of any problem; refuse duplicate concepts."""
-    packages, seen, problems = [], {}, []
+    packages: list[ConceptPackage] = []
+    seen: dict[str, Path] = {}
+    problems: list[str] = []
     for path in paths:
         try:
             pkg = ConceptPackage.load(path)

@@ -140,7 +140,7 @@ class FusionEngine:
         self._cache: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         self._raw: dict[str, dict[str, list[torch.Tensor]]] = {}  # L-BFGS only
         for i, pkg in enumerate(packages):
-            self.add(pkg, (sources or [None] * len(packages))[i])
+            self.add(pkg, sources[i] if sources else None)
 
     def _inject(self, prefix: str, model: torch.nn.Module, targets: tuple[str, ...]) -> None:
         kv_names = {
@@ -517,7 +517,8 @@ class FusionEngine:
                 factors[target] = (up, down)
                 stats = (total, ups, downs, crosses[target])
                 total_obj += objective_from_stats(up, down, *stats)
-                baseline_obj += objective_from_stats(*weight_fusion_factors(ups, downs), *stats)
+                wf_up, wf_down = weight_fusion_factors(ups, downs)
+                baseline_obj += objective_from_stats(wf_up, wf_down, *stats)
         return factors, total_obj, baseline_obj
 
     def fuse(self, progress: bool = True) -> FusionResult:

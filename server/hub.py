@@ -99,6 +99,7 @@ class ModelHub(hub_pb2_grpc.ModelHubServicer):
             return self.index.version(number)
         except LookupError as err:
             context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+            raise  # abort raises; this line is never reached
 
     def ListVersions(self, request, context):  # noqa: N802 - gRPC names
         data = self.index.data()

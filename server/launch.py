@@ -18,7 +18,10 @@ import logging
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+from pydantic import BaseModel as PydanticModel
 
 from ..common.cli import UsageError, run_command
 from ..common.config import FusionConfig, TrainConfig
@@ -47,7 +50,7 @@ def _settings_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) ->
     add_options(fusion, FusionConfig, prefix=FUSION_PREFIX, exclude=_non_scalar(FusionConfig))
 
 
-def _non_scalar(model: type) -> tuple[str, ...]:
+def _non_scalar(model: type[PydanticModel]) -> tuple[str, ...]:
     return tuple(set(model.model_fields) - set(scalar_fields(model)))
 
 
@@ -55,14 +58,15 @@ def _overrides(args: argparse.Namespace, **fixed: str | int | float | bool) -> d
     """The run-config values given on the command line (plus ``fixed``), validated; an error
     names the option."""
     values: dict[str, str | int | float | bool] = {}
-    for model, prefix, exclude in (
+    sections: tuple[tuple[type[PydanticModel], str, tuple[str, ...]], ...] = (
         (ServerSettings, "", NOT_OPTIONS),
         (TrainConfig, "", ()),
         (FusionConfig, FUSION_PREFIX, ()),
-    ):
+    )
+    for model, prefix, exclude in sections:
         chosen = given(args, model, prefix, exclude)
         try:
-            build(model, chosen, lambda f, prefix=prefix: option(f, prefix))
+            build(model, chosen, partial(option, prefix=prefix))
         except SettingsError as err:
             raise UsageError(str(err)) from err
         values.update({key(name, prefix): value for name, value in chosen.items()})

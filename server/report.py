@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 
 from ..common.attention import layerwise_cross_attention
 from ..common.concepts import encode_prompts
@@ -101,7 +103,7 @@ def fidelity(engine: FusionEngine, results: Sequence[FusionResult], seeds: int =
     UNet drift is measured along the concept model's own sampling trajectories (prior
     drift along the base model's), at every step, on seeds other than fusion's.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in engine.names:
         prompts = engine.prompts_of(name)
         engine.apply(engine.concept_factors(name))
@@ -109,7 +111,10 @@ def fidelity(engine: FusionEngine, results: Sequence[FusionResult], seeds: int =
         h_own, e_own = _text_at_concept(engine, name), noise_predictions(engine, prompts, inputs)
         engine.apply(None)
         e_base = noise_predictions(engine, prompts, inputs)
-        row = {"concept": engine.packages[name].concept.token, "source": engine.sources[name]}
+        row: dict[str, Any] = {
+            "concept": engine.packages[name].concept.token,
+            "source": engine.sources[name],
+        }
         for res in results:
             engine.apply(res.factors)
             h_f, e_f = _text_at_concept(engine, name), noise_predictions(engine, prompts, inputs)
@@ -146,7 +151,7 @@ def sample_grid(
     for name in engine.names:
         token = engine.packages[name].concept.token
         prompt = engine.config.sample_prompt.format(token)
-        row = []
+        row: list[Image.Image] = []
         for factors in [engine.concept_factors(name)] + [r.factors for r in results]:
             engine.apply(factors)
             row += pipe(

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -68,7 +69,7 @@ def run(grid: Grid, settings: RunSettings) -> dict:
         evaluate_config=ConfigRecord({"final-round": server.rounds}),
     )
     latest = registry.latest()
-    result = {
+    result: dict[str, Any] = {
         "strategy": server.strategy,
         "rounds": strategy.rounds,
         "seconds": time.perf_counter() - start,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -179,9 +180,8 @@ def lbfgs_reference(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = sum(((x @ delta.T - y) ** 2).sum() for x, y in zip(xs, targets, strict=True)) / (
-            n * out_dim
-        )
+        squares = sum(((x @ delta.T - y) ** 2).sum() for x, y in zip(xs, targets, strict=True))
+        loss = cast(torch.Tensor, squares) / (n * out_dim)
         loss.backward()
         return loss
 

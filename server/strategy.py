@@ -147,8 +147,7 @@ class ConceptFusionStrategy(Strategy):
                 ", ".join(self.registry.pending()),
             )
             self.fuse_registered()
-        elif self.registry.latest() is not None:
-            mv = self.registry.latest()
+        elif (mv := self.registry.latest()) is not None:
             fused = self.registry.load_model(mv)
             arrays, meta = fused_to_records(fused, mv.version)
             self.current = (mv.version, arrays, meta)
@@ -268,7 +267,7 @@ class ConceptFusionStrategy(Strategy):
             log.info(
                 "round %d: accepted %s from node %d", server_round, package.concept.token, node
             )
-        metrics = {
+        metrics: dict[str, float] = {
             "accepted": len(record["accepted"]),
             "rejected": len(record["rejected"]),
             "missing": len(record["missing"]),

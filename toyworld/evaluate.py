@@ -321,7 +321,7 @@ def placement(
         region_prompts = [f"a <{n}> {where}" for n in names]
     regions = [Region(r, b) for r, b in zip(region_prompts, boxes, strict=True)]
     width = width or 32 * len(names)
-    adapters = ()
+    adapters: tuple[AdapterCondition, ...] = ()
     if sketch_adapter is not None:
         sketch = concept_sketch(names, boxes, width, 32)
         adapters = (AdapterCondition(sketch_adapter, sketch, name="sketch"),)

@@ -61,7 +61,7 @@ def check_unet_channels(channels: Sequence[int]) -> tuple[int, int, int]:
         raise ValueError(
             f"the toy UNet has 3 blocks, each a multiple of 8 channels wide; got {channels}"
         )
-    return channels  # type: ignore[return-value]
+    return channels
 
 
 def toy_configs(unet_channels: Sequence[int] = UNET_CHANNELS) -> dict[str, dict]:

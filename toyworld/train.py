@@ -137,7 +137,7 @@ def train_vae(
 ) -> list[float]:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
+    losses: list[float] = []
     bar = tqdm(range(steps), desc="vae", mininterval=5)
     for step in bar:
         idx = torch.randint(0, len(images), (batch,), generator=gen)
@@ -258,7 +258,7 @@ def train_denoiser(
     ]
     ema_params = [p for m in ema for p in m.parameters()]
     weights = min_snr_weights(sched, min_snr).to(unet.device)
-    losses = []
+    losses: list[float] = []
     bar = tqdm(range(steps), desc="unet+text", mininterval=10)
     schedule = random.Random(f"pools:{seed}")
     wide_steps = 0

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, T2IAdapter
+from PIL import Image
 from tqdm import tqdm
 
 from mos.common.adapters import AdapterCondition, load_adapter
@@ -135,6 +136,7 @@ def train_adapter(
         ]
         with torch.no_grad():
             context = text_encoder(tokenize(tokenizer, captions).to(device))[0]
+        assert pool.sketches is not None  # every adapter pool has its sketches
         features = adapter(pool.sketches[idx].to(device))
         pred = unet(
             noisy, t, encoder_hidden_states=context, down_intrablock_additional_residuals=features
@@ -199,6 +201,7 @@ def sketch_eval(
                 height=world.SIZE,
                 adapters=adapters,
             )[0]
+            assert isinstance(img, Image.Image)
             images.append(img)
             cover += sketch_cover(_lines(world.sketch_of(img)), _lines(cond))
             if kind == "single":

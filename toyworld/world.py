@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageChops, ImageDraw
 
+Fill = int | tuple[int, ...]  # a colour as ImageDraw takes it: L value or RGB
+
 SIZE = 32  # px, the base model's native resolution
 SUPERSAMPLE = 4
 
@@ -49,7 +51,7 @@ def _rgb(name: str) -> tuple[int, int, int]:
 
 
 def draw_shape(
-    d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: object
+    d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: Fill
 ) -> None:
     """A filled shape of half-size ``r`` centred at (cx, cy), in the drawing's pixels."""
     if shape == "circle":
@@ -132,11 +134,13 @@ def render_scene(scene: Scene, size: int = SIZE, width: int | None = None) -> Im
                 rd.rectangle((0, cy, cx, h), fill=255)
             mask = Image.new("L", img.size, 0)
             draw_shape(ImageDraw.Draw(mask), t.shape, cx, cy, r, 255)
-            img.paste(_rgb(t.second), mask=ImageChops.darker(mask, region))
+            img.paste(_rgb(t.second or t.colour), mask=ImageChops.darker(mask, region))
         elif t.pattern == "center":
             # the triangle's centroid lies a third of the way up from its base
-            dy, h = (r / 3, 0.3 * r) if t.shape == "triangle" else (0.0, 0.45 * r)
-            d.ellipse((cx - h, cy + dy - h, cx + h, cy + dy + h), fill=_rgb(t.second))
+            dy, hr = (r / 3, 0.3 * r) if t.shape == "triangle" else (0.0, 0.45 * r)
+            d.ellipse(
+                (cx - hr, cy + dy - hr, cx + hr, cy + dy + hr), fill=_rgb(t.second or t.colour)
+            )
         elif t.pattern is not None:
             raise ValueError(f"unknown pattern {t.pattern!r}; the world has {', '.join(PATTERNS)}")
     return img.resize((width, size), Image.Resampling.BOX)
@@ -286,9 +290,11 @@ class ConceptSprite:
         masks = []
         for p in range(len(self.colours)):
             m = Image.new("L", (size * s, size * s), 0)
-            self.draw_parts(
-                ImageDraw.Draw(m), size * s / 2, size * s / 2, r * s, lambda i, p=p: 255 * (i == p)
-            )
+
+            def fill(i: int, p: int = p) -> Fill:
+                return 255 * (i == p)
+
+            self.draw_parts(ImageDraw.Draw(m), size * s / 2, size * s / 2, r * s, fill)
             masks.append(m.resize((size, size), Image.Resampling.BOX))
         return masks
 
