@@ -128,6 +128,7 @@ def deployment(n: int, steps: int, tmp: Path) -> dict:
     server = Managed(
         [str(BIN / "mos-server"), "--min-clients", str(n), "--steps", str(steps),
          "--state-dir", str(tmp / "state"), "--port", str(port), "--no-report", "--hub-port", "0",
+         "--fusion-mode", "independent",
          "--device", "cpu"],
         env, tmp / "server.log",
     )  # fmt: skip
@@ -161,7 +162,8 @@ def simulation(n: int, steps: int, tmp: Path) -> dict:
     start = time.perf_counter()
     subprocess.run(
         [str(BIN / "mos-simulate"), "--clients", str(n), "--data-root", str(tmp / "photos"),
-         "--out", str(tmp / "sim"), "--steps", str(steps), "--no-report", "--device", "cpu"],
+         "--out", str(tmp / "sim"), "--steps", str(steps), "--no-report", "--device", "cpu",
+         "--fusion-mode", "independent"],
         env=flower_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     wall = time.perf_counter() - start

@@ -71,7 +71,7 @@ def run_one(args) -> dict:
     config = FusionConfig(
         solver=args.one_solver,
         steps=args.steps,
-        resolution=args.resolution,
+        resolution=args.resolution or 0,
         ridge=args.ridge,
         ridge_target=args.ridge_target,
     )

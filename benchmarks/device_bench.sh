@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/dev
 python3 -c 'import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)' | tee "$OUT/versions.txt"
 STEPS=${STEPS:-60}
 if [ "${TOY:-0}" = 1 ]; then  # issue 6: a wider toy base trained on the GPU, then its claims
-    # the feasibility probe's recipe (TOYWORLD-NOTES.md): UNet (64, 128, 128), ~410 000 samples
+    # the GPU recipe of the toy base: UNet (64, 128, 128), ~410 000 samples
     python3 -m mos.toyworld.train --device "${TOY_DEVICE:-cuda}" \
         --unet-channels "${TOY_CHANNELS:-64,128,128}" --steps "${TOY_STEPS:-1600}" \
         --batch "${TOY_BATCH:-256}" --images "${TOY_IMAGES:-60000}" \

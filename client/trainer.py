@@ -1,4 +1,4 @@
-"""ED-LoRA tuning of one concept on a folder of photos (METHOD.md section 1).
+"""ED-LoRA tuning of one concept on a folder of photos (docs/method.md, section 1).
 
 ``train_concept`` adds the concept's tokens to the base, injects rank-4 LoRA adapters into
 the text encoder and UNet, and optimises (AdamW, three learning rates, linear decay):

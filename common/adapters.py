@@ -1,4 +1,4 @@
-"""T2I-Adapter conditioning for regional sampling (METHOD.md section 3): keypose, sketch.
+"""T2I-Adapter conditioning for regional sampling (docs/method.md, section 3): keypose, sketch.
 
 A diffusers ``T2IAdapter`` turns a condition image into one feature map per UNet
 down-block resolution; the UNet adds them inside its down blocks

@@ -1,4 +1,4 @@
-"""Layer-wise cross-attention for ED-LoRA (METHOD.md section 1).
+"""Layer-wise cross-attention for ED-LoRA (docs/method.md, section 1).
 
 ``cross_attention_layers(unet)`` fixes THE order of the UNet's cross-attention layers, the
 paper's: down blocks, then the mid block, then up blocks. ``unet.attn_processors`` lists
@@ -165,7 +165,7 @@ def layerwise_cross_attention(
 
 
 class RegionalCrossAttnProcessor:
-    """Region-aware cross-attention (METHOD.md section 3) on layer-wise encodings.
+    """Region-aware cross-attention (docs/method.md, section 3) on layer-wise encodings.
 
     ``encoder_hidden_states`` is ``[batch, L, (1 + R) * tokens, dim]``: the global prompt's
     encoding, then each region prompt's. The global prompt is attended everywhere; each

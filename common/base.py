@@ -46,7 +46,7 @@ TINY = "tiny"
 TOY = "toy"  # installed by mos.toyworld (the ``mos.bases`` entry point)
 BASES_GROUP = "mos.bases"
 # SD 1.x's noise schedule (scaled-linear betas, 1000 steps). clip_sample must stay off for
-# latent models (TOYWORLD-NOTES: clipping predicted latents wrecks sampling).
+# latent models (clipping predicted latents to [-1, 1] wrecks latent-space sampling).
 SD_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,

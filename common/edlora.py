@@ -18,7 +18,7 @@ from transformers import CLIPTextModel
 from .base import BaseModel
 from .concepts import Concept, ConceptError
 
-FIRST_WORD_INIT_STD = 0.013  # METHOD.md: the first word starts random, sigma 0.013
+FIRST_WORD_INIT_STD = 0.013  # docs/method.md: the first word starts random, sigma 0.013
 
 
 def add_concept_tokens(base: BaseModel, concept: Concept) -> list[int]:
@@ -58,7 +58,7 @@ def class_word_id(base: BaseModel, class_word: str) -> int:
 def initial_embeddings(
     base: BaseModel, concept: Concept, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """``[words, layers, dim]`` start values (METHOD.md section 1).
+    """``[words, layers, dim]`` start values (docs/method.md, section 1).
 
     ED-LoRA: word 1 ~ N(0, 0.013^2), word 2 = the class word's embedding, in every layer.
     Vanilla LoRA: its one word starts at the class word's embedding.

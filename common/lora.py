@@ -1,6 +1,6 @@
 """LoRA as a plain module: ``y = W x + b + scale * B(A(dropout(x)))``.
 
-METHOD.md section 1: rank 4, scale 1.0 (not alpha/rank), ``A`` ("down") kaiming-uniform,
+docs/method.md, section 1: rank 4, scale 1.0 (not alpha/rank), ``A`` ("down") kaiming-uniform,
 ``B`` ("up") zero, so an injected adapter is a no-op until it is trained.
 
 ``LoRALinear`` *is* an ``nn.Linear`` that shares the original ``weight``/``bias``
@@ -10,7 +10,7 @@ naming: ``<module path>.lora_A.weight`` ``[rank, in]`` and ``<module path>.lora_
 ``[out, rank]``. With diffusers' ``load_lora_weights`` (alpha defaults to rank) the same
 tensors give the same scale-1 update.
 
-``LoRAConv2d`` does the same for a convolution (LoCon; not in METHOD.md, which adapts the
+``LoRAConv2d`` does the same for a convolution (LoCon; not in the paper, which adapts the
 attention linears only): ``lora_A`` is a convolution with the base's kernel, stride and
 padding to ``rank`` channels, ``lora_B`` a 1x1 convolution back, PEFT's layout
 (``[rank, in, kh, kw]`` and ``[out, rank, 1, 1]``). Seen as a linear map on im2col patches

@@ -64,7 +64,7 @@ class ConceptPackage:
     base_source: str = ""
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
-    conv_rank: int = 0  # rank of the ResNet-convolution adapters (0: none, METHOD.md's ED-LoRA)
+    conv_rank: int = 0  # rank of the ResNet-convolution adapters (0: none, the paper's ED-LoRA)
 
     def metadata(self) -> dict[str, str]:
         c = self.concept

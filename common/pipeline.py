@@ -139,7 +139,7 @@ class MixOfShowPipeline:
         native_views: bool = False,
         view_overlap: float = 0.5,
     ) -> list[Image.Image] | torch.Tensor:
-        """Sample; with ``regions`` each region's prompt is drawn in its box (METHOD.md
+        """Sample; with ``regions`` each region's prompt is drawn in its box (docs/method.md,
         section 3), the global prompt everywhere else. ``adapters`` add T2I-Adapter
         guidance (keypose, sketch) with a global weight and optional per-region weights, in
         the first ``adapter_conditioning_factor`` of the steps (as diffusers' adapter

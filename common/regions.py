@@ -1,4 +1,4 @@
-"""Regions for regionally controllable sampling (METHOD.md section 3): boxes, their masks at
+"""Regions for regionally controllable sampling (docs/method.md, section 3): boxes, their masks at
 every attention resolution, and the rule that combines attention outputs.
 
 Pure functions, tested against brute force. A box is ``(x0, y0, x1, y1)`` in fractions of

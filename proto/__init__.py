@@ -1,1 +1,1 @@
-"""The project's own gRPC surface (later issue)."""
+"""The project's own gRPC surface: the model hub (``hub.proto`` and its generated code)."""

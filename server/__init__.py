@@ -1,1 +1,1 @@
-"""Centre node: registry, fusion engine, Flower ServerApp (later issues)."""
+"""Centre node: registry, fusion engine, Flower ServerApp."""

@@ -1,4 +1,4 @@
-"""Gradient fusion of concept packages into one model (METHOD.md section 2).
+"""Gradient fusion of concept packages into one model (docs/method.md, section 2).
 
 Stages, in the paper's order (each later stage sees the already fused earlier ones):
 

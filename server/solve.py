@@ -1,14 +1,18 @@
 """The math of gradient fusion: pure functions on Gram matrices and LoRA factors.
 
 For one linear layer with base weight ``W0`` and concepts ``i`` with updates
-``dW_i = B_i A_i`` seen on inputs ``X_i`` (columns are input vectors), METHOD.md section 2 asks
+``dW_i = B_i A_i`` seen on inputs ``X_i`` (columns are input vectors), gradient fusion
+(docs/method.md, section 2) asks
 
     W* = argmin_W  sum_i || W X_i - (W0 + dW_i) X_i ||_F^2 .
 
 With ``G_i = X_i X_i^T`` and ``G = sum_i G_i`` the normal equations give
-``(W* - W0) G = sum_i dW_i G_i``. We add a small ridge that pulls toward ``W0``:
-``lambda = ridge * trace(G) / d`` (``ridge`` defaults to 1e-6), so directions the features
-never visit keep the base weights and ``G + lambda I`` is positive definite. Then
+``(W* - W0) G = sum_i dW_i G_i``. A ridge ``lambda = ridge * trace(G) / d`` keeps
+``G + lambda I`` positive definite. Here it pulls toward ``W0``, so directions the features
+never visit keep the base weights (``DEFAULT_RIDGE`` 1e-6, this module's default);
+``solve_downs(toward_average=...)`` pulls toward the weight-fusion average instead, which
+is what the fusion engine does by default (``FusionConfig``: ridge 1e-2 toward the
+average). Toward ``W0``:
 
     W* - W0 = sum_i B_i [A_i G_i (G + lambda I)^-1] = [B_1 ... B_N] [A'_1; ...; A'_N],
 

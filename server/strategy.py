@@ -397,7 +397,7 @@ def _sender(reply: Message, sent: dict[int, Message]) -> int:
 
 
 class GradientFusionStrategy(ConceptFusionStrategy):
-    """METHOD.md section 2: regress each layer onto every concept model's own features."""
+    """Gradient fusion (docs/method.md, section 2): regress each layer onto every concept model's own features."""
 
     name = "gradient-fusion"
 

@@ -2,7 +2,7 @@
 
     python -m mos.toyworld.train_adapter --out toyworld/weights/toy-sketch-adapter
 
-The spatial condition of regional sampling (METHOD.md section 3) on the toy world: a
+The spatial condition of regional sampling (docs/method.md, section 3) on the toy world: a
 diffusers ``T2IAdapter`` that reads a sketch (``world.sketch_of``: the lines where an
 image's colour changes, as sketch adapters are trained on edge maps of their images) and
 adds one feature map per UNet level to the down blocks' outputs. Training pairs are the base

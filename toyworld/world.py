@@ -230,7 +230,7 @@ def random_wide_scene(
 
 
 # A sketch is what an edge detector draws from an image, as the sketch T2I-Adapter's
-# training pairs were made (METHOD.md section 3): white where the colour changes by more
+# training pairs were made (docs/method.md, section 3): white where the colour changes by more
 # than SKETCH_THRESHOLD (of 255, in any channel) to the right or below, black elsewhere.
 # The base world's anti-aliased edges change by 40-255 over one or two pixels.
 SKETCH_THRESHOLD = 48
