@@ -25,9 +25,12 @@ from mos.common.processes import Managed, free_port
 from mos.toyworld.demo import DEMO_CONCEPTS, TOY_DEMO_CONCEPTS, write_demo_photos
 
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.skipif(
-    not (BIN / "flower-superlink").exists(), reason="Flower's commands are not installed"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (BIN / "flower-superlink").exists(), reason="Flower's commands are not installed"
+    ),
+]
 
 
 def bare_env() -> dict[str, str]:

@@ -24,6 +24,8 @@ from mos.server.report import fidelity
 from mos.server.solve import cross_term, solve_downs
 from tests.conftest import sample_tensor, shape_photos
 
+pytestmark = pytest.mark.slow  # tunes and fuses convolution concepts
+
 # --- the layer -----------------------------------------------------------------------------
 
 

@@ -19,6 +19,8 @@ from mos.toyworld import world
 from mos.toyworld.analyse import ConceptDetector, analyse, as_tensor
 from mos.toyworld.model import WEIGHTS
 
+pytestmark = pytest.mark.slow  # tunes toy concepts for minutes
+
 
 def test_the_analyser_reads_rendered_scenes_back():
     rng = random.Random(3)
