@@ -73,7 +73,7 @@ def main() -> None:
         base = sd15_base()
         sizes = args.sizes or ["512x512", "512x1024"]
     base.to(device, torch.float16 if device.type == "cuda" else None)
-    pipe = MixOfShowPipeline(base)
+    pipe = MixOfShowPipeline.from_base(base)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "model": args.model, "steps": args.steps, "sizes": {}}  # fmt: skip
     for spec in sizes:

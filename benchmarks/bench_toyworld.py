@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         "samples": args.samples,
     }
 
-    base_pipe = ev.MixOfShowPipeline(ev.toy_base())
+    base_pipe = ev.MixOfShowPipeline.from_base(ev.toy_base())
     # $MOS_TOY_WEIGHTS names another toy base (e.g. one trained on a GPU) than the committed one
     weights = toy_weights_path()
     result["base"] = {
         "weights": COMMITTED if weights == WEIGHTS else str(weights),
-        "unet_channels": list(base_pipe.base.unet.config.block_out_channels),
+        "unet_channels": list(base_pipe.unet.config.block_out_channels),
     }
     log.info("detector accuracy")
     result["detector"] = detector_accuracy(names, base_pipe)

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def validation_grid(base, concepts, token: str, steps: int, seed: int):
     """Samples for three prompts at LoRA scale 0 (embedding only), 0.7 and 1.0."""
-    pipe = MixOfShowPipeline(base, concepts)
+    pipe = MixOfShowPipeline.from_base(base, concepts)
     prompts = [p.format(token) for p in VALIDATION_PROMPTS]
     rows = []
     for prompt in prompts:

@@ -270,7 +270,7 @@ def handle_evaluate(msg: Message, settings: ClientSettings) -> Message:
         own_loss = denoising_loss(own_base, own_table, photos, caption)
         # the base itself: the fused model with its adapters off, on the class-word prompt
         # (no concept token), so no third copy of the base is loaded
-        with MixOfShowPipeline(base, table).lora_scale(0.0):
+        with MixOfShowPipeline.from_base(base, table).lora_scale(0.0):
             plain = f"a photo of a {own.concept.class_word}"
             base_loss = denoising_loss(base, table, photos, plain)
         gain = base_loss - own_loss

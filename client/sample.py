@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> Path:
     width = scene.width or base.default_resolution
     height = scene.height or base.default_resolution
     regions = scene.to_regions(width, height)
-    pipe = MixOfShowPipeline(base, concepts)
+    pipe = MixOfShowPipeline.from_base(base, concepts)
     _check_tokens(concepts, base, [scene.prompt, *(r.prompt for r in regions)])
     adapters = load_conditions(scene)
     for cond in adapters:

@@ -59,6 +59,22 @@ class Concept:
         if self.num_layers < 1:
             raise ConceptError("a concept needs at least one layer")
 
+    def to_dict(self) -> dict:
+        """The concept as ``concepts.json`` lists it (``from_dict`` reads it back)."""
+        return {
+            "token": self.token,
+            "name": self.name,
+            "class_word": self.class_word,
+            "method": self.method,
+            "num_layers": self.num_layers,
+            "words": self.words,
+            "tokens": self.all_tokens(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Concept:
+        return cls(d["name"], d["class_word"], d["method"], int(d["num_layers"]))
+
     @property
     def token(self) -> str:
         """How users write the concept in prompts: ``<dog1>``."""

@@ -48,22 +48,6 @@ COMPACT_FILE = "fused.safetensors"
 MAX_FUSED_BYTES = 4 * 1024**3
 
 
-def _concept_dict(c: Concept) -> dict:
-    return {
-        "token": c.token,
-        "name": c.name,
-        "class_word": c.class_word,
-        "method": c.method,
-        "num_layers": c.num_layers,
-        "words": c.words,
-        "tokens": c.all_tokens(),
-    }
-
-
-def _concept_from(d: dict) -> Concept:
-    return Concept(d["name"], d["class_word"], d["method"], int(d["num_layers"]))
-
-
 @dataclass
 class FusedModel:
     strategy: str
@@ -110,7 +94,7 @@ class FusedModel:
             "base_fingerprint": self.base_fingerprint,
             "base_source": self.base_source,
             "concepts": [
-                {**_concept_dict(c), "source": self.sources.get(c.name, "")} for c in self.concepts
+                {**c.to_dict(), "source": self.sources.get(c.name, "")} for c in self.concepts
             ],
         }
 
@@ -174,7 +158,7 @@ class FusedModel:
             if not bool(torch.isfinite(t).all()):
                 raise PackageError(f"{origin}: tensor {key} has NaN or infinite values")
         try:
-            concepts = [_concept_from(d) for d in table["concepts"]]
+            concepts = [Concept.from_dict(d) for d in table["concepts"]]
             embeddings = {c.name: tensors[f"embeddings.{c.name}"] for c in concepts}
             factors = {}
             for key in tensors:
@@ -266,7 +250,7 @@ def load_fused_folder(folder: str | Path) -> tuple[BaseModel, ConceptTable]:
         raise PackageError(f"{folder}: no {CONCEPTS_FILE}; not a fused model folder")
     data = json.loads(table_path.read_text())
     base = load_base_model(folder)
-    table = ConceptTable(_concept_from(d) for d in data["concepts"])
+    table = ConceptTable(Concept.from_dict(d) for d in data["concepts"])
     vocab = base.tokenizer.get_vocab()
     missing = [t for c in table for t in c.all_tokens() if t not in vocab]
     if missing:

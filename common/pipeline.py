@@ -1,27 +1,41 @@
-"""Sampling with layer-wise concept embeddings (ED-LoRA), in the style of a diffusers pipeline.
+"""Sampling with layer-wise concept embeddings (ED-LoRA): a diffusers ``DiffusionPipeline``.
 
-``MixOfShowPipeline(base, concepts)`` samples from a base that carries concepts (tokens,
-embeddings, LoRA adapters): every prompt is encoded once per cross-attention layer and each
-layer reads its own copy. Any diffusers scheduler can be set as ``pipe.scheduler``;
-classifier-free guidance as in ``StableDiffusionPipeline`` (``[uncond, cond]`` batches), so
-a pipeline without concepts gives exactly what diffusers gives for the same seed.
+``MixOfShowPipeline.from_base(base, concepts)`` samples from a base that carries concepts
+(tokens, embeddings, LoRA adapters): every prompt is encoded once per cross-attention
+layer and each layer reads its own copy. As a ``DiffusionPipeline`` it has ``.to()``,
+``progress_bar``, ``components`` and ``save_pretrained`` / ``from_pretrained``, which also
+write and read the concept table (``concepts.json``). Any diffusers scheduler can be set
+as ``pipe.scheduler``; classifier-free guidance as in ``StableDiffusionPipeline``
+(``[uncond, cond]`` batches), so a pipeline without concepts gives exactly what diffusers
+gives for the same seed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from .adapters import AdapterCondition, adapter_features, check_adapter_fits
-from .attention import layerwise_cross_attention, regional_cross_attention
+from .attention import cross_attention_layers, layerwise_cross_attention, regional_cross_attention
 from .base import BaseModel
-from .concepts import ConceptTable, encode_prompts
+from .concepts import Concept, ConceptError, ConceptTable, encode_prompts
+from .files import atomic_write
 from .lora import lora_layers
 from .package import ConceptPackage, attach_package
 from .regions import (
@@ -33,12 +47,35 @@ from .regions import (
     view_windows,
 )
 
+CONCEPTS_FILE = "concepts.json"  # the concept table beside model_index.json
 
-class MixOfShowPipeline:
-    def __init__(self, base: BaseModel, concepts: ConceptTable | None = None) -> None:
-        self.base = base
-        self.concepts = concepts if concepts is not None else ConceptTable()
-        self.scheduler = base.scheduler
+
+class MixOfShowPipeline(DiffusionPipeline):
+    """Text-to-image sampling with ED-LoRA concepts and regions (see the module docstring)."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.concepts = ConceptTable()
+
+    @classmethod
+    def from_base(cls, base: BaseModel, concepts: ConceptTable | None = None) -> MixOfShowPipeline:
+        """A pipeline on ``base``'s components (shared, not copied) knowing ``concepts``."""
+        pipe = cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler)
+        pipe.concepts = concepts if concepts is not None else ConceptTable()
+        return pipe
 
     @classmethod
     def from_packages(
@@ -53,12 +90,58 @@ class MixOfShowPipeline:
         concepts = ConceptTable()
         for pkg in packages:
             attach_package(base, pkg, concepts)
-        return cls(base, concepts)
+        return cls.from_base(base, concepts)
+
+    @property
+    def default_resolution(self) -> int:
+        """The base's native image size in pixels."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def num_layers(self) -> int:
+        """The UNet's cross-attention layers: one text encoding per layer."""
+        return len(cross_attention_layers(self.unet))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """A diffusers folder (``model_index.json``, one folder per component) plus
+        ``concepts.json``. Adapters must be merged first: a package's LoRA is saved as its
+        concept package, a fused model with ``mos.common.fused.save_fused_folder``."""
+        if any(True for m in (self.text_encoder, self.unet) for _ in lora_layers(m)):
+            raise ValueError(
+                "this pipeline carries LoRA adapters, which a diffusers folder cannot hold: "
+                "save the concept package, or merge the adapters (save_fused_folder)"
+            )
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        table = {"format": "mix-of-show/concepts", "concepts": [c.to_dict() for c in self.concepts]}
+        text = json.dumps(table, indent=2)
+        atomic_write(Path(save_directory) / CONCEPTS_FILE, lambda tmp: Path(tmp).write_text(text))
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> MixOfShowPipeline:
+        """diffusers' loader, then the concept table of a local folder (``concepts.json``;
+        a folder without one loads with no concepts). Every concept token must be in the
+        tokenizer."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        table_path = Path(pretrained_model_name_or_path) / CONCEPTS_FILE
+        if table_path.is_file():
+            data = json.loads(table_path.read_text())
+            pipe.concepts = ConceptTable(Concept.from_dict(d) for d in data["concepts"])
+            vocab = pipe.tokenizer.get_vocab()
+            missing = [t for c in pipe.concepts for t in c.all_tokens() if t not in vocab]
+            if missing:
+                raise ConceptError(
+                    f"{pretrained_model_name_or_path}: the tokenizer lacks concept tokens "
+                    f"{missing[:3]}"
+                )
+        return pipe
 
     @contextlib.contextmanager
     def lora_scale(self, scale: float | None) -> Iterator[None]:
         """Temporarily scale every LoRA adapter (0 = embeddings only; None = leave as is)."""
-        layers = [x for m in (self.base.text_encoder, self.base.unet) for _, x in lora_layers(m)]
+        layers = [x for m in (self.text_encoder, self.unet) for _, x in lora_layers(m)]
         saved = [layer.scale for layer in layers]
         try:
             if scale is not None:
@@ -72,9 +155,8 @@ class MixOfShowPipeline:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """``[batch, L, tokens, dim]`` for the UNet's L cross-attention layers."""
-        b = self.base
         return encode_prompts(
-            b.text_encoder, b.tokenizer, prompts, self.concepts, b.num_cross_attention_layers
+            self.text_encoder, self.tokenizer, prompts, self.concepts, self.num_layers
         )
 
     def _context(self, prompts: Sequence[str], region_prompts: Sequence[str]) -> torch.Tensor:
@@ -89,7 +171,7 @@ class MixOfShowPipeline:
     def _views(self, model_in, t, context, extra, views, view_regions) -> torch.Tensor:
         """The UNet's prediction for a large latent, averaged over its windows (each with
         the regions inside it: the global prompt's tokens, then those regions')."""
-        b = self.base
+        b = self
         tokens = b.tokenizer.model_max_length
         full = tuple(model_in.shape[-2:])
         pred = torch.zeros_like(model_in)
@@ -152,7 +234,7 @@ class MixOfShowPipeline:
         panorama pipeline's; 0: side-by-side tiles, each denoised on its own, which on the
         toy base keeps every concept whole: a window that straddles two boxes sees half
         of each and redraws them as one, benchmarks/RESULTS.md)."""
-        b = self.base
+        b = self
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
             raise ValueError("prompt must not be empty")
@@ -165,7 +247,7 @@ class MixOfShowPipeline:
             raise ValueError("give one negative prompt, or one per prompt")
         height = height or b.default_resolution
         width = width or b.default_resolution
-        factor = b.vae_scale_factor
+        factor = self.vae_scale_factor
         if height % factor or width % factor:
             raise ValueError(f"height and width must be multiples of {factor}")
         if num_inference_steps < 1:
@@ -235,7 +317,8 @@ class MixOfShowPipeline:
             scheduler.set_timesteps(num_inference_steps, device=device)
             latents = latents * scheduler.init_noise_sigma
             guided = int(round(adapter_conditioning_factor * len(scheduler.timesteps)))
-            for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling")):
+            self.set_progress_bar_config(disable=not progress, desc="sampling")
+            for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
                 model_in = torch.cat([latents] * 2) if do_cfg else latents
                 model_in = scheduler.scale_model_input(model_in, t)
                 extra = {}

@@ -12,7 +12,9 @@ Stages, in the paper's order (each later stage sees the already fused earlier on
    a TOK" (DPM-Solver, ``steps`` steps, no guidance) and every step's inputs are recorded; a
    convolution's inputs are its im2col patches, so it is solved as a linear map on them.
 
-Each stage is solved per layer with ``solve.solve_downs`` (exact, from Grams) or
+The stages are the objects of ``server/stages.py``; this module holds the engine that
+attaches concepts, switches adapters, turns the stages' recordings into Gram sums and
+solves. Each stage is solved per layer with ``solve.solve_downs`` (exact, from Grams) or
 ``solve.lbfgs_reference`` (the authors' solver, on raw features). Layers whose inputs are the
 same tensor share one Gram matrix (q/k/v of self-attention; k/v of cross-attention).
 
@@ -37,7 +39,6 @@ from ..common.attention import cross_attention_layers
 from ..common.base import BaseModel
 from ..common.concepts import ConceptTable, encode_prompts, tokenize
 from ..common.config import CONV_SAMPLES, FusionConfig
-from ..common.edlora import add_concept_tokens, write_embeddings
 from ..common.lora import (
     UNET_CONV_TARGETS,
     UNET_TARGETS,
@@ -47,7 +48,6 @@ from ..common.lora import (
     target_layer_names,
 )
 from ..common.package import ConceptPackage, PackageError
-from ..common.pipeline import MixOfShowPipeline
 from .recorder import GramRecorder
 from .solve import (
     cross_term,
@@ -56,6 +56,7 @@ from .solve import (
     solve_downs,
     weight_fusion_factors,
 )
+from .stages import SolvedStage, TokenStage, default_stages
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,8 @@ class FusionEngine:
         # group -> G) so adding or removing a concept needs no re-recording
         self._cache: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         self._raw: dict[str, dict[str, list[torch.Tensor]]] = {}  # L-BFGS only
+        self.tokens = TokenStage()
+        self.stages = default_stages()
         for i, pkg in enumerate(packages):
             self.add(pkg, sources[i] if sources else None)
 
@@ -196,12 +199,7 @@ class FusionEngine:
             package.check_against(self.base)
         if package.conv_rank and not self.conv:
             self._add_conv_layers()
-        vocab = self.base.tokenizer.get_vocab()
-        if not all(t in vocab for t in package.concept.all_tokens()):
-            add_concept_tokens(self.base, package.concept)
-        write_embeddings(self.base, package.concept, package.embeddings)
-        if name not in self.table:
-            self.table.add(package.concept)
+        self.tokens.attach(self, package)  # stage 1: the base knows the concept from now on
         self.packages[name] = package
         self.sources[name] = source
 
@@ -291,7 +289,7 @@ class FusionEngine:
                 groups[key].targets.append(target)
         return groups
 
-    def _recorder(
+    def recorder(
         self, part: str, groups: int = 1, reduce: dict[str, torch.Tensor] | None = None
     ) -> GramRecorder:
         dtype = torch.float64 if self.config.gram_dtype == "float64" else torch.float32
@@ -312,20 +310,6 @@ class FusionEngine:
         token = self.packages[name].concept.token
         return [p.format(token) for p in self.config.text_prompts]
 
-    @torch.no_grad()
-    def record_text(self, name: str) -> GramRecorder:
-        """Stage 2 statistics of one concept: its own text encoder on its prompts."""
-        self.apply(self.concept_factors(name), ("text",))
-        with self._recorder("text") as rec:
-            encode_prompts(
-                self.base.text_encoder,
-                self.base.tokenizer,
-                self.prompts_of(name),
-                self.table,
-                self.num_layers,
-            )
-        return rec
-
     def concept_prompt_features(self, name: str, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The text encoding of the concept's prompts ``[P, L, tokens, dim]`` with the adapters
         as set, and the ``[P, tokens]`` mask of the positions ``which`` selects (``kv_positions``)."""
@@ -338,69 +322,11 @@ class FusionEngine:
         positions = kv_positions(ids, concept_ids, tok.eos_token_id, which)
         return hidden, positions.to(hidden.device)
 
-    @torch.no_grad()
-    def record_kv(self, name: str, text: Factors | None) -> GramRecorder:
-        """Stage 3: text-encoder outputs at the concept's token positions, per layer copy."""
-        self.apply(text if text is not None else self.concept_factors(name), ("text",))
-        hidden, positions = self.concept_prompt_features(name, self.config.kv_positions)
-        rec = self._recorder("kv")
-        for layer, (attn_name, _) in enumerate(cross_attention_layers(self.base.unet)):
-            rec.add(f"unet.{attn_name}.kv", hidden[:, layer][positions])
-        return rec
-
     def apply_batched(self, factors: Sequence[Factors], parts: Sequence[str]) -> None:
         """Batch chunk ``k`` runs with ``factors[k]`` in ``parts`` (see ``LoRALinear.set_batched``)."""
         for key, layer in self.layers.items():
             if self.part_of[key] in parts:
                 layer.set_batched([f[key][0] for f in factors], [f[key][1] for f in factors])
-
-    @torch.no_grad()
-    def record_spatial(
-        self,
-        names: Sequence[str],
-        text: Factors | None,
-        kv: Factors | None,
-        reduce: dict[str, torch.Tensor] | None = None,
-    ) -> GramRecorder:
-        """Stage 4: sample with each concept's model and record every step's inputs.
-
-        The concepts of ``names`` are sampled together, one batch chunk per concept model,
-        each from the same starting noise it would get alone; with several names the
-        recorder's Gram matrices are ``[len(names), d, d]`` (or reduced, see ``GramRecorder``).
-        """
-        own = [self.concept_factors(n) for n in names]
-        for part, fused in (("text", text), ("kv", kv)):
-            if fused is not None:
-                self.apply(fused, (part,))
-            else:
-                self.apply_batched(own, (part,))
-        self.apply_batched(own, ("spatial",))
-        size = self.config.resolution or self.base.default_resolution
-        factor = self.base.vae_scale_factor
-        shape = (
-            self.stage4_samples,
-            self.base.unet.config.in_channels,
-            size // factor,
-            size // factor,
-        )
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.config.seed))
-        prompts = [self.config.sample_prompt.format(self.packages[n].concept.token) for n in names]
-        groups = len(names) if len(names) > 1 else 1
-        try:
-            with self._recorder("spatial", groups, reduce) as rec:
-                MixOfShowPipeline(self.base, self.table)(
-                    prompts,
-                    num_inference_steps=self.config.steps,
-                    guidance_scale=1.0,
-                    height=size,
-                    width=size,
-                    num_images_per_prompt=self.stage4_samples,
-                    latents=noise.repeat(len(names), 1, 1, 1),
-                    output_type="latent",
-                )
-        finally:
-            self.apply(None)
-        return rec
 
     def _stacked_downs(self, part: str, own: list[Factors]) -> tuple[dict[str, torch.Tensor], int]:
         """Per group, the chunk's down factors of all its targets: ``[K, m * r_max, d]``."""
@@ -420,7 +346,7 @@ class FusionEngine:
         return stacked, r
 
     def _contributions(
-        self, part: str, names: list[str], own: list[Factors], record
+        self, stage: SolvedStage, names: list[str], own: list[Factors], upstream: Factors | None
     ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]]:
         """Per chunk of concepts: ``(count, {group: sum of G_i}, {target: [C_i = A_i G_i]})``.
 
@@ -428,17 +354,17 @@ class FusionEngine:
         matrix exists); otherwise per-concept Gram matrices are recorded (or taken from the
         independent-mode cache, where they are kept) and reduced here.
         """
-        exact = self.config.solver == "exact"
-        batch = self.config.concept_batch if part == "spatial" and exact else 1
+        part = stage.part
+        batch = stage.batch(self.config)
         groups = [g for g in self.groups.values() if g.part == part]
         device = self.base.device
         for start in range(0, len(names), batch):
             chunk, chunk_own = names[start : start + batch], own[start : start + batch]
             totals: dict[str, torch.Tensor] = {}
             crosses: dict[str, list[torch.Tensor]] = {t: [] for g in groups for t in g.targets}
-            if part == "spatial" and exact and self.config.mode == "sequential":
+            if stage.reduces(self.config):
                 stacked, r = self._stacked_downs(part, chunk_own)
-                rec = record(chunk, stacked)
+                rec = stage.record(self, chunk, upstream, stacked)
                 for group in groups:
                     totals[group.key] = rec.grams[group.key]
                     for j, t in enumerate(group.targets):
@@ -450,7 +376,7 @@ class FusionEngine:
             missing = [n for n in chunk if part not in self._cache.get(n, {})]
             recorded: dict[str, dict[str, torch.Tensor]] = {}
             if missing:
-                rec = record(missing, None)
+                rec = stage.record(self, missing, upstream)
                 if rec.keep_raw:
                     self._raw.setdefault(missing[0], {}).update(rec.raw)
                 for i, n in enumerate(missing):
@@ -468,20 +394,23 @@ class FusionEngine:
                         crosses[t].append(cross_term(f[t][1], g))
             yield len(chunk), totals, crosses
 
-    def _solve_part(self, part: str, names: list[str], record, bar) -> tuple[Factors, float, float]:
-        """Record (or reuse) every concept's statistics for ``part`` and solve each layer.
+    def _solve_stage(
+        self, stage: SolvedStage, names: list[str], upstream: Factors | None, bar
+    ) -> tuple[Factors, float, float]:
+        """Record (or reuse) every concept's statistics for ``stage`` and solve each layer.
 
         Statistics are streamed: per layer only the total Gram matrix and each concept's
         ``C_i = A_i G_i`` (rank x d) are kept, so device memory does not grow with the number
         of concepts beyond those thin matrices. Returns the factors, their objective, and the
         objective weight fusion would have on the same statistics.
         """
+        part = stage.part
         groups = [g for g in self.groups.values() if g.part == part]
         totals: dict[str, torch.Tensor] = {}
         crosses: dict[str, list[torch.Tensor]] = {t: [] for g in groups for t in g.targets}
         concept_factors = [self.concept_factors(n) for n in names]
         for count, chunk_totals, chunk_crosses in self._contributions(
-            part, names, concept_factors, record
+            stage, names, concept_factors, upstream
         ):
             for key, g in chunk_totals.items():
                 if key in totals:
@@ -522,7 +451,8 @@ class FusionEngine:
         return factors, total_obj, baseline_obj
 
     def fuse(self, progress: bool = True) -> FusionResult:
-        """Gradient fusion of every attached concept (statistics reused where still valid)."""
+        """Gradient fusion of every attached concept (statistics reused where still valid):
+        ``TokenStage``, then each of ``self.stages`` in order (``server/stages.py``)."""
         names = self.names
         if not names:
             raise ValueError("no concepts to fuse")
@@ -530,37 +460,30 @@ class FusionEngine:
         timings: dict[str, float] = {}
         objectives: dict[str, float] = {}
         factors: Factors = {}
-        bar = tqdm(total=3 * len(names), desc="fusing", disable=None if progress else True)
-
-        def stage(part: str, record) -> None:
-            start = time.perf_counter()
-            part_factors, obj, baseline = self._solve_part(part, names, record, bar)
-            factors.update(part_factors)
-            timings[part] = time.perf_counter() - start
-            objectives[part] = obj
-            objectives[f"{part} (weight fusion)"] = baseline
-            log.info(
-                "stage %s: %d concepts, %.2f s, objective %.4g",
-                part,
-                len(names),
-                timings[part],
-                obj,
-            )
-
+        start = time.perf_counter()
+        self.tokens.run(self, names)
+        timings[self.tokens.name] = time.perf_counter() - start
+        bar = tqdm(
+            total=len(self.stages) * len(names), desc="fusing", disable=None if progress else True
+        )
         try:
-            stage("text", lambda ns, _reduce: self.record_text(ns[0]))
-            text = (
-                None
-                if independent
-                else {k: v for k, v in factors.items() if self.part_of[k] == "text"}
-            )
-            stage("kv", lambda ns, _reduce: self.record_kv(ns[0], text))
-            kv = (
-                None
-                if independent
-                else {k: v for k, v in factors.items() if self.part_of[k] == "kv"}
-            )
-            stage("spatial", lambda ns, reduce: self.record_spatial(ns, text, kv, reduce))
+            for stage in self.stages:
+                start = time.perf_counter()
+                # sequential: later stages run the concept models with the fused earlier ones
+                upstream = None if independent else factors
+                part_factors, obj, baseline = self._solve_stage(stage, names, upstream, bar)
+                factors.update(part_factors)
+                timings[stage.part] = time.perf_counter() - start
+                objectives[stage.part] = obj
+                objectives[f"{stage.part} (weight fusion)"] = baseline
+                log.info(
+                    "stage %s (%s): %d concepts, %.2f s, objective %.4g",
+                    stage.part,
+                    stage.name,
+                    len(names),
+                    timings[stage.part],
+                    obj,
+                )
         finally:
             bar.close()
             if not independent:

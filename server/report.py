@@ -50,7 +50,7 @@ def trajectory(
 
     handle = base.unet.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        MixOfShowPipeline(base, engine.table)(
+        MixOfShowPipeline.from_base(base, engine.table)(
             list(prompts),
             num_inference_steps=steps,
             guidance_scale=1.0,
@@ -146,7 +146,7 @@ def sample_grid(
     engine: FusionEngine, results: Sequence[FusionResult], steps: int = 25, seed: int = 0
 ):
     """Rows: concepts; columns: the concept's own model, then each fused model; same seed."""
-    pipe = MixOfShowPipeline(engine.base, engine.table)
+    pipe = MixOfShowPipeline.from_base(engine.base, engine.table)
     rows, labels = [], []
     for name in engine.names:
         token = engine.packages[name].concept.token

@@ -37,7 +37,7 @@ def sample_tensor(base: BaseModel, table, prompt: str, steps: int = 3) -> torch.
     """One seed-0 sample of ``prompt`` as a tensor (to compare two ways of loading a model)."""
     from mos.common.pipeline import MixOfShowPipeline
 
-    return MixOfShowPipeline(base, table)(
+    return MixOfShowPipeline.from_base(base, table)(
         prompt,
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(0),

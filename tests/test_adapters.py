@@ -115,7 +115,7 @@ def _sample(pipe, adapters=(), regions=(), steps=3, **kw):
 
 
 def test_adapter_weight_zero_equals_no_adapter_and_weight_one_changes_the_image():
-    pipe = MixOfShowPipeline(build_tiny())
+    pipe = MixOfShowPipeline.from_base(build_tiny())
     plain = _sample(pipe)
     adapter = tiny_adapter()
     zero = _sample(pipe, [AdapterCondition(adapter, pose_image(), weight=0.0)])
@@ -129,7 +129,7 @@ def test_adapter_weight_zero_equals_no_adapter_and_weight_one_changes_the_image(
 
 
 def test_adapter_steps_guide_only_the_first_steps():
-    pipe = MixOfShowPipeline(build_tiny())
+    pipe = MixOfShowPipeline.from_base(build_tiny())
     cond = [AdapterCondition(tiny_adapter(), pose_image())]
     plain, full = _sample(pipe, steps=4), _sample(pipe, cond, steps=4)
     assert torch.equal(_sample(pipe, cond, steps=4, adapter_conditioning_factor=0.0), plain)
@@ -138,17 +138,17 @@ def test_adapter_steps_guide_only_the_first_steps():
     # there by hand, and neither the unguided nor the fully guided result
     half = _sample(pipe, cond, steps=4, adapter_conditioning_factor=0.5)
     calls = []
-    unet_forward = pipe.base.unet.forward
+    unet_forward = pipe.unet.forward
 
     def counting(*args, **kwargs):
         calls.append("down_intrablock_additional_residuals" in kwargs)
         return unet_forward(*args, **kwargs)
 
-    pipe.base.unet.forward = counting
+    pipe.unet.forward = counting
     try:
         _sample(pipe, cond, steps=4, adapter_conditioning_factor=0.5)
     finally:
-        pipe.base.unet.forward = unet_forward
+        pipe.unet.forward = unet_forward
     assert calls == [True, True, False, False]
     assert not torch.equal(half, plain) and not torch.equal(half, full)
     with pytest.raises(ValueError, match="adapter_conditioning_factor"):

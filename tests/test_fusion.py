@@ -200,8 +200,9 @@ def test_incremental_add_and_remove_equal_fusing_from_scratch(concept_files):
     engine = FusionEngine(build_tiny(), p[:2], config)
     assert _close(engine.fuse(progress=False).factors, scratch2)
     recorded = []
-    original = engine.record_spatial
-    engine.record_spatial = lambda ns, *a: recorded.extend(ns) or original(ns, *a)
+    spatial = engine.stages[-1]
+    original = spatial.record
+    spatial.record = lambda eng, ns, *a: recorded.extend(ns) or original(eng, ns, *a)
     engine.add(p[2])
     assert _close(engine.fuse(progress=False).factors, scratch3)
     assert recorded == ["toy3"]  # only the new concept was sampled

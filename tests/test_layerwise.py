@@ -95,7 +95,7 @@ def test_prompt_expansion_and_names():
 
 
 def test_pipeline_without_concepts_matches_diffusers(tiny):
-    ours = MixOfShowPipeline(tiny)(
+    ours = MixOfShowPipeline.from_base(tiny)(
         "a photo of a dog",
         num_inference_steps=4,
         guidance_scale=5.0,
@@ -126,7 +126,7 @@ def test_pipeline_without_concepts_matches_diffusers(tiny):
 
 
 def test_pipeline_checks_its_inputs(tiny):
-    pipe = MixOfShowPipeline(tiny)
+    pipe = MixOfShowPipeline.from_base(tiny)
     with pytest.raises(ValueError, match="empty"):
         pipe("  ")
     with pytest.raises(ValueError, match="multiples"):

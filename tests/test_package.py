@@ -54,7 +54,7 @@ def test_save_load_onto_fresh_base_gives_identical_outputs(trained):
         for k in keys
     )
 
-    original = _sample(MixOfShowPipeline(base, result.concepts))
+    original = _sample(MixOfShowPipeline.from_base(base, result.concepts))
     fresh = MixOfShowPipeline.from_packages(build_tiny(), [ConceptPackage.load(path)])
     assert torch.equal(_sample(fresh), original)
     # the LoRA is really there: scale 0 (embeddings only) differs

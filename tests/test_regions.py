@@ -112,7 +112,7 @@ def sample(pipe, prompt, regions=(), negative="", steps=3):
 
 
 def test_no_regions_is_the_plain_pipeline_and_a_full_region_is_its_prompt():
-    pipe = MixOfShowPipeline(build_tiny())
+    pipe = MixOfShowPipeline.from_base(build_tiny())
     plain = sample(pipe, "a photo of a dog")
     assert torch.equal(sample(pipe, "a photo of a dog", regions=[]), plain)
     full = Region("a red cat on the beach", (0.0, 0.0, 1.0, 1.0), "blurry")
@@ -123,7 +123,7 @@ def test_no_regions_is_the_plain_pipeline_and_a_full_region_is_its_prompt():
 
 
 def test_a_region_changes_its_box_more_than_the_rest():
-    pipe = MixOfShowPipeline(build_tiny())
+    pipe = MixOfShowPipeline.from_base(build_tiny())
     plain = sample(pipe, "a photo of a dog", steps=1)
     region = [Region("a red cat", (0.0, 0.0, 0.5, 1.0))]
     left = sample(pipe, "a photo of a dog", region, steps=1)
@@ -180,7 +180,7 @@ def test_view_stride_is_the_aligned_step_between_windows_sharing_the_overlap():
 @pytest.mark.parametrize("overlap", [0.5, 0.0])
 def test_native_views_average_the_unet_over_windows_with_their_regions(overlap):
     base = build_tiny()
-    pipe = MixOfShowPipeline(base)
+    pipe = MixOfShowPipeline.from_base(base)
     native = base.default_resolution
     # a canvas of the base's own size is one window: exactly the plain sampler
     plain = sample(pipe, "a photo of a dog")

@@ -218,7 +218,7 @@ def test_the_toy_base_loads_offline_and_follows_prompts():
     base = load_base_model("toy")
     assert base.source == "toy" and base.default_resolution == 32
     assert load_base_model("toy").fingerprint == base.fingerprint
-    pipe = MixOfShowPipeline(base)
+    pipe = MixOfShowPipeline.from_base(base)
     triples = held_out_prompts(16, seed=11)
     prompts = [world.Scene(b, (world.Thing(c, s, 0, 0, 0),)).caption for c, s, b in triples]
     images = pipe(
@@ -245,7 +245,7 @@ def test_regional_sampling_puts_base_world_objects_in_their_boxes():
     from mos.common.pipeline import MixOfShowPipeline
     from mos.common.regions import Region
 
-    pipe = MixOfShowPipeline(load_base_model("toy"))
+    pipe = MixOfShowPipeline.from_base(load_base_model("toy"))
     right = {"regional": 0, "plain": 0}
     for (c1, s1), (c2, s2) in ((("red", "circle"), ("blue", "square")),
                                (("yellow", "triangle"), ("purple", "circle"))):  # fmt: skip
@@ -314,7 +314,7 @@ def test_a_short_tuning_makes_each_concept_detectable_where_the_base_does_not_dr
     from mos.common.pipeline import MixOfShowPipeline
     from mos.toyworld.evaluate import identity, samples, toy_base
 
-    base = MixOfShowPipeline(toy_base())
+    base = MixOfShowPipeline.from_base(toy_base())
     for name in CONCEPTS:
         word = world.CONCEPTS[name].class_word
         before = identity(samples(base, f"a photo of a {word}", 8, 2), name)

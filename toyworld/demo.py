@@ -141,7 +141,7 @@ def compose(out: Path, names: list[str], seeds: int = 4) -> Path:
     models = sorted((out / "server" / "models").glob("v*"), key=lambda p: int(p.name[1:]))
     fused = FusedModel.load_compact(models[-1] / COMPACT_FILE)
     base = load_base_model("toy")
-    pipe = MixOfShowPipeline(base, fused.attach(base))
+    pipe = MixOfShowPipeline.from_base(base, fused.attach(base))
     # the concepts' training caption as prompts, each box denoised in its own window of the
     # base's size: the setting that puts toy concepts in their boxes whole (RESULTS.md)
     placed = ev.placement(pipe, names, seeds, seed=0, tiles=True, photo_prompts=True)

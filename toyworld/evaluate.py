@@ -200,7 +200,7 @@ def single_concept_pipeline(package: ConceptPackage) -> MixOfShowPipeline:
 
 def fused_pipeline(fused: FusedModel) -> MixOfShowPipeline:
     base = toy_base()
-    return MixOfShowPipeline(base, fused.attach(base))
+    return MixOfShowPipeline.from_base(base, fused.attach(base))
 
 
 @torch.no_grad()

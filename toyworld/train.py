@@ -310,7 +310,7 @@ def adherence(
     """Sample held-out prompts; how often the analyser reads back each attribute."""
     from mos.common.pipeline import MixOfShowPipeline
 
-    pipe = MixOfShowPipeline(base)
+    pipe = MixOfShowPipeline.from_base(base)
     triples = held_out_prompts(n)
     hits = {"colour": 0, "shape": 0, "background": 0, "all": 0}
     images = []
@@ -338,7 +338,7 @@ def wide_adherence(
     objects match, in either order, and how often the background does."""
     from mos.common.pipeline import MixOfShowPipeline
 
-    pipe = MixOfShowPipeline(base)
+    pipe = MixOfShowPipeline.from_base(base)
     rng = random.Random(f"wide-eval:{seed}")
     scenes = [world.random_wide_scene(rng, 2) for _ in range(n)]
     gen = torch.Generator().manual_seed(seed)

@@ -174,7 +174,7 @@ def sketch_eval(
     """Sample held-out single prompts (32x32) and two-object prompts (64x32), each with the
     sketch of a scene that fits it (or no adapter): how often the analyser reads the prompt
     back (the wide canvas half by half) and how much of the sketch the samples draw."""
-    pipe = MixOfShowPipeline(base)
+    pipe = MixOfShowPipeline.from_base(base)
     rng = random.Random(f"sketch-eval:{seed}")
     held = sorted(world.held_out_triples())
     single = []
