@@ -183,6 +183,196 @@ def train_concept(
         return _train(base, photos, concept_name, class_word, config, progress, on_step)
 
 
+@dataclass
+class TrainingData:
+    """The photos as the training loop reads them: VAE latent distributions per (photo,
+    flip), masks, captions tokenised once per layer copy, and the concept words' ids."""
+
+    lat_mean: torch.Tensor  # [N, views, C, h, w]
+    lat_std: torch.Tensor
+    masks: torch.Tensor  # [N, views, 1, H, W]; ones where a photo has no mask
+    has_mask: torch.Tensor  # [N] bool
+    caption_ids: torch.Tensor  # [N, copies, 77]
+    word_ids: list[torch.Tensor]  # [copies] ids of the first and the last word
+    copies: int  # layer-wise copies of each caption (1 for vanilla LoRA)
+
+    @property
+    def use_masks(self) -> bool:
+        return bool(self.has_mask.any())
+
+
+@dataclass
+class Adapters:
+    """The LoRA layers injected for tuning, and their parameters per learning rate."""
+
+    text_prefix: str
+    text_params: list[torch.nn.Parameter]
+    unet_params: list[torch.nn.Parameter]
+
+
+def prepare_data(
+    base: BaseModel,
+    photos: list[Photo],
+    concept: Concept,
+    concepts: ConceptTable,
+    resolution: int,
+    config: TrainConfig,
+) -> TrainingData:
+    """Encode every photo (and its mirror, when flips can be drawn) once, and every caption
+    once per layer copy."""
+    device = base.device
+    views = 2 if config.flip_p > 0 else 1  # the mirrored copies are index 1
+    pixels, masks, has_mask = [], [], []
+    for p in photos:
+        x, m = photo_tensors(p, resolution)
+        mask = m if m is not None else torch.ones(1, resolution, resolution)
+        pixels += [x, x.flip(-1)][:views]
+        masks += [mask, mask.flip(-1)][:views]
+        has_mask.append(m is not None)
+    lat_mean, lat_std = _encode_latents(base, torch.stack(pixels))
+    copies = base.num_cross_attention_layers if concept.layerwise else 1
+    captions = [p.caption.replace(PLACEHOLDER, concept.phrase()) for p in photos]
+    caption_ids = torch.stack(
+        [tokenize(base.tokenizer, concepts.expand(c, copies)) for c in captions]
+    ).to(device)
+    word_ids = [
+        torch.tensor(
+            base.tokenizer.convert_tokens_to_ids(
+                [concept.layer_token(w, i) for i in range(copies)]
+            ),
+            device=device,
+        )
+        for w in (0, len(concept.words) - 1)
+    ]
+    return TrainingData(
+        lat_mean=lat_mean.view(len(photos), views, *lat_mean.shape[1:]),
+        lat_std=lat_std.view(len(photos), views, *lat_std.shape[1:]),
+        masks=torch.stack(masks).view(len(photos), views, 1, resolution, resolution).to(device),
+        has_mask=torch.tensor(has_mask, device=device),
+        caption_ids=caption_ids,
+        word_ids=word_ids,
+        copies=copies,
+    )
+
+
+def inject_adapters(base: BaseModel, config: TrainConfig) -> Adapters:
+    """Rank-``rank`` LoRA on the text encoder and the UNet's attention, and with
+    ``conv_rank`` on the up blocks' ResNet convolutions (in this order: the global RNG
+    draws their initial values)."""
+    te_prefix, _, te_targets = base.lora_components()[0]
+    with _rank_fits("--rank", config.rank):
+        te_layers = inject_lora(base.text_encoder, te_targets, config.rank, config.lora_dropout)
+        unet_layers = inject_lora(
+            base.unet, base.lora_components()[1][2], config.rank, config.lora_dropout
+        )
+    if config.conv_rank:
+        with _rank_fits("--conv-rank", config.conv_rank):
+            unet_layers |= inject_lora(
+                base.unet, UNET_CONV_TARGETS, config.conv_rank, config.lora_dropout
+            )
+
+    def params(layers: dict) -> list[torch.nn.Parameter]:
+        return [p for x in layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
+
+    return Adapters(te_prefix, params(te_layers), params(unet_layers))
+
+
+def make_optimizer(
+    rows: torch.nn.Parameter, adapters: Adapters, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with the three learning rates, and the learning-rate schedule."""
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [rows], "lr": config.lr_embedding},
+            {"params": adapters.text_params, "lr": config.lr_text},
+            {"params": adapters.unet_params, "lr": config.lr_unet},
+        ],
+        weight_decay=config.weight_decay,
+    )
+
+    def factor(step: int) -> float:
+        return max(0.0, 1.0 - step / config.steps) if config.lr_schedule == "linear" else 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_loss(
+    base: BaseModel,
+    data: TrainingData,
+    config: TrainConfig,
+    gen: torch.Generator,
+    amp: torch.dtype | None,
+    recorder: AttentionMapRecorder | None,
+) -> torch.Tensor:
+    """One batch: draw photos, flips, latents, noise and timesteps from ``gen`` (in this
+    order), and return the denoising loss (with the mask and the attention regulariser)."""
+    device = base.device
+    n = data.lat_mean.shape[0]
+    idx = torch.randint(n, (config.batch_size,), generator=gen)
+    flip = (torch.rand(config.batch_size, generator=gen) < config.flip_p).long()
+    mean, std = data.lat_mean[idx, flip], data.lat_std[idx, flip]
+    latents = mean + std * torch.randn(mean.shape, generator=gen).to(device)
+    noise = torch.randn(mean.shape, generator=gen)
+    if config.noise_offset:
+        noise += config.noise_offset * torch.randn((*mean.shape[:2], 1, 1), generator=gen)
+    noise = noise.to(device)
+    num_train_t = base.noise_scheduler.config.num_train_timesteps
+    t = torch.randint(0, num_train_t, (config.batch_size,), generator=gen).to(device)
+    noisy = base.noise_scheduler.add_noise(latents, noise, t)
+    target = denoising_target(base.noise_scheduler, latents, noise, t)
+    batch_ids = data.caption_ids[idx.to(device)]
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        hidden = base.text_encoder(batch_ids.flatten(0, 1))[0]
+        hidden = hidden.view(config.batch_size, data.copies, *hidden.shape[1:])
+        if data.copies == 1:
+            hidden = hidden[:, 0]
+        if recorder is not None:
+            recorder.clear()
+        pred = base.unet(noisy, t, encoder_hidden_states=hidden).sample
+    err = (pred.float() - target.float()) ** 2
+    m = data.masks[idx.to(device), flip.to(device)]
+    loss = masked_mse(err, m) if data.use_masks and config.mask_loss else err.mean()
+    if recorder is not None:
+        sel = data.has_mask[idx.to(device)]
+        if bool(sel.any()):
+            b_ids = batch_ids[:, 0]
+            pos1 = torch.isin(b_ids, data.word_ids[0])
+            pos2 = torch.isin(b_ids, data.word_ids[1])
+            maps = {i: a[sel] for i, a in recorder.maps.items()}
+            loss = loss + config.attention_reg_weight * attention_regularisation(
+                maps, m[sel], pos1[sel], pos2[sel]
+            )
+    return loss
+
+
+def _backward_and_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    schedule.step()
+
+
+def _freeze_if_norm_reached(rows: torch.nn.Parameter, config: TrainConfig) -> bool:
+    """Freeze the embeddings once their mean L2 norm reaches the threshold (True if now)."""
+    if config.embedding_norm_threshold <= 0 or not rows.requires_grad:
+        return False
+    if float(rows.detach().norm(dim=-1).mean()) < config.embedding_norm_threshold:
+        return False
+    rows.requires_grad_(False)
+    rows.grad = None
+    return True
+
+
 def _train(
     base: BaseModel,
     photos: list[Photo],
@@ -207,53 +397,8 @@ def _train(
     gen = torch.Generator().manual_seed(config.seed)
     embeddings0 = initial_embeddings(base, concept, generator=gen)
     ids = add_concept_tokens(base, concept)
-
-    # --- data: latents per (photo, flip), masks, captions tokenised per layer ---------
-    # the mirrored copies only when flips can be drawn (index 1 below)
-    views = 2 if config.flip_p > 0 else 1
-    pixels, masks, has_mask = [], [], []
-    for p in photos:
-        x, m = photo_tensors(p, resolution)
-        mask = m if m is not None else torch.ones(1, resolution, resolution)
-        pixels += [x, x.flip(-1)][:views]
-        masks += [mask, mask.flip(-1)][:views]
-        has_mask.append(m is not None)
-    lat_mean, lat_std = _encode_latents(base, torch.stack(pixels))
-    lat_mean = lat_mean.view(len(photos), views, *lat_mean.shape[1:])
-    lat_std = lat_std.view(len(photos), views, *lat_std.shape[1:])
-    masks_t = torch.stack(masks).view(len(photos), views, 1, resolution, resolution).to(device)
-    has_mask_t = torch.tensor(has_mask, device=device)
-    copies = num_layers if concept.layerwise else 1
-    captions = [p.caption.replace(PLACEHOLDER, concept.phrase()) for p in photos]
-    caption_ids = torch.stack(
-        [tokenize(base.tokenizer, concepts.expand(c, copies)) for c in captions]
-    ).to(device)  # [N, copies, 77]
-    word_ids = [  # [copies] token ids of the first and the last word, for the attention maps
-        torch.tensor(
-            base.tokenizer.convert_tokens_to_ids(
-                [concept.layer_token(w, i) for i in range(copies)]
-            ),
-            device=device,
-        )
-        for w in (0, len(concept.words) - 1)
-    ]
-    use_masks = bool(has_mask_t.any())
-    use_attn_reg = use_masks and config.attention_reg_weight > 0
-
-    # --- trainable parameters ------------------------------------------------------
-    te_prefix, _, te_targets = base.lora_components()[0]
-    with _rank_fits("--rank", config.rank):
-        te_layers = inject_lora(base.text_encoder, te_targets, config.rank, config.lora_dropout)
-        unet_layers = inject_lora(
-            base.unet, base.lora_components()[1][2], config.rank, config.lora_dropout
-        )
-    te_params = [p for x in te_layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
-    if config.conv_rank:
-        with _rank_fits("--conv-rank", config.conv_rank):
-            unet_layers |= inject_lora(
-                base.unet, UNET_CONV_TARGETS, config.conv_rank, config.lora_dropout
-            )
-    unet_params = [p for x in unet_layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
+    data = prepare_data(base, photos, concept, concepts, resolution, config)
+    adapters = inject_adapters(base, config)
     gc = config.gradient_checkpointing == "on" or (
         config.gradient_checkpointing == "auto" and device.type == "cuda"
     )
@@ -262,7 +407,7 @@ def _train(
         base.text_encoder.gradient_checkpointing_enable({"use_reentrant": False})
     amp = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    num_train_t = base.noise_scheduler.config.num_train_timesteps
+    use_attn_reg = data.use_masks and config.attention_reg_weight > 0
     recorder = AttentionMapRecorder() if use_attn_reg else None
 
     losses: list[float] = []
@@ -277,20 +422,7 @@ def _train(
         ):
             with torch.no_grad():
                 rows.rows.copy_(embeddings0.reshape(len(ids), -1))
-            optimizer = torch.optim.AdamW(
-                [
-                    {"params": [rows.rows], "lr": config.lr_embedding},
-                    {"params": te_params, "lr": config.lr_text},
-                    {"params": unet_params, "lr": config.lr_unet},
-                ],
-                weight_decay=config.weight_decay,
-            )
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer,
-                (lambda s: max(0.0, 1.0 - s / config.steps))
-                if config.lr_schedule == "linear"
-                else (lambda s: 1.0),
-            )
+            optimizer, schedule = make_optimizer(rows.rows, adapters, config)
             # a live bar on a terminal; in logs, a line every 10% instead
             bar = tqdm(
                 range(config.steps),
@@ -299,65 +431,15 @@ def _train(
             )
             log_every = max(1, config.steps // 10)
             for step in bar:
-                idx = torch.randint(len(photos), (config.batch_size,), generator=gen)
-                flip = (torch.rand(config.batch_size, generator=gen) < config.flip_p).long()
-                mean, std = lat_mean[idx, flip], lat_std[idx, flip]
-                latents = mean + std * torch.randn(mean.shape, generator=gen).to(device)
-                noise = torch.randn(mean.shape, generator=gen)
-                if config.noise_offset:
-                    noise += config.noise_offset * torch.randn(
-                        (*mean.shape[:2], 1, 1), generator=gen
-                    )
-                noise = noise.to(device)
-                t = torch.randint(0, num_train_t, (config.batch_size,), generator=gen).to(device)
-                noisy = base.noise_scheduler.add_noise(latents, noise, t)
-                target = denoising_target(base.noise_scheduler, latents, noise, t)
-                batch_ids = caption_ids[idx.to(device)]
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    hidden = base.text_encoder(batch_ids.flatten(0, 1))[0]
-                    hidden = hidden.view(config.batch_size, copies, *hidden.shape[1:])
-                    if copies == 1:
-                        hidden = hidden[:, 0]
-                    if recorder is not None:
-                        recorder.clear()
-                    pred = base.unet(noisy, t, encoder_hidden_states=hidden).sample
-                err = (pred.float() - target.float()) ** 2
-                m = masks_t[idx.to(device), flip.to(device)]
-                loss = masked_mse(err, m) if use_masks and config.mask_loss else err.mean()
-                if recorder is not None:
-                    sel = has_mask_t[idx.to(device)]
-                    if bool(sel.any()):
-                        b_ids = batch_ids[:, 0]
-                        pos1 = torch.isin(b_ids, word_ids[0])
-                        pos2 = torch.isin(b_ids, word_ids[1])
-                        maps = {i: a[sel] for i, a in recorder.maps.items()}
-                        loss = loss + config.attention_reg_weight * attention_regularisation(
-                            maps, m[sel], pos1[sel], pos2[sel]
-                        )
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                schedule.step()
+                loss = step_loss(base, data, config, gen, amp, recorder)
+                _backward_and_step(loss, optimizer, schedule, scaler)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"loss became {value} at step {step}; lower the learning rates"
                     )
                 losses.append(value)
-                if (
-                    frozen_at is None
-                    and config.embedding_norm_threshold > 0
-                    and rows.rows.requires_grad
-                    and float(rows.rows.detach().norm(dim=-1).mean())
-                    >= config.embedding_norm_threshold
-                ):
-                    rows.rows.requires_grad_(False)
-                    rows.rows.grad = None
+                if frozen_at is None and _freeze_if_norm_reached(rows.rows, config):
                     frozen_at = step + 1
                     log.info(
                         "embedding norm reached %.2f at step %d: embeddings frozen",
@@ -379,10 +461,10 @@ def _train(
         if gc:
             base.unet.disable_gradient_checkpointing()
             base.text_encoder.gradient_checkpointing_disable()
-        for param in te_params + unet_params:
+        for param in adapters.text_params + adapters.unet_params:
             param.requires_grad_(False)
     seconds = time.perf_counter() - start
-    embeddings = trained.view(len(concept.words), copies, -1).float().cpu()
+    embeddings = trained.view(len(concept.words), data.copies, -1).float().cpu()
     tail = losses[-max(1, len(losses) // 10) :]
     package = ConceptPackage(
         concept=concept,
@@ -390,7 +472,7 @@ def _train(
         conv_rank=config.conv_rank,
         embeddings=embeddings,
         lora={
-            **lora_state_dict(base.text_encoder, te_prefix),
+            **lora_state_dict(base.text_encoder, adapters.text_prefix),
             **lora_state_dict(base.unet, "unet"),
         },
         base_fingerprint=base.fingerprint,
