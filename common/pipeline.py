@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,50 @@ class MixOfShowPipeline(DiffusionPipeline):
         panorama pipeline's; 0: side-by-side tiles, each denoised on its own, which on the
         toy base keeps every concept whole: a window that straddles two boxes sees half
         of each and redraws them as one, benchmarks/RESULTS.md)."""
-        b = self
+        prompts, negatives = self._check_inputs(
+            prompt, negative_prompt, num_inference_steps, adapter_conditioning_factor
+        )
+        height = height or self.default_resolution
+        width = width or self.default_resolution
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}")
+        regions = list(regions)
+        layout = self._layout(
+            regions, height // factor, width // factor, native_views, view_overlap
+        )
+        for condition in adapters:
+            check_adapter_fits(condition.adapter, self.unet, factor)
+        features = adapter_features(
+            adapters, [r.box for r in regions], width, height, self.device, self.unet.dtype
+        )
+        with self.lora_scale(lora_scale), layout.attention:
+            context = self._guided_context(
+                prompts, negatives, regions, num_images_per_prompt, guidance_scale
+            )
+            latents = self._initial_latents(
+                len(prompts) * num_images_per_prompt, layout.size, latents, generator
+            )
+            latents = self._denoise(
+                latents,
+                context,
+                layout,
+                features,
+                num_inference_steps,
+                guidance_scale,
+                adapter_conditioning_factor,
+                progress,
+            )
+        return self._decode(latents, output_type)
+
+    # --- the steps of __call__ ------------------------------------------------------------
+    @staticmethod
+    def _check_inputs(
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str],
+        num_inference_steps: int,
+        adapter_conditioning_factor: float,
+    ) -> tuple[list[str], list[str]]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p.strip() for p in prompts):
             raise ValueError("prompt must not be empty")
@@ -245,11 +289,6 @@ class MixOfShowPipeline(DiffusionPipeline):
         )
         if len(negatives) != len(prompts):
             raise ValueError("give one negative prompt, or one per prompt")
-        height = height or b.default_resolution
-        width = width or b.default_resolution
-        factor = self.vae_scale_factor
-        if height % factor or width % factor:
-            raise ValueError(f"height and width must be multiples of {factor}")
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
         if not 0.0 <= adapter_conditioning_factor <= 1.0:
@@ -257,21 +296,29 @@ class MixOfShowPipeline(DiffusionPipeline):
                 "adapter_conditioning_factor is the fraction of the steps with adapter "
                 f"guidance, in [0, 1]; got {adapter_conditioning_factor}"
             )
-        device = b.device
-        dtype = b.unet.dtype
+        return prompts, negatives
 
-        regions = list(regions)
-        lh, lw = height // factor, width // factor
-        levels = len(b.unet.config.block_out_channels)
+    def _layout(
+        self,
+        regions: list[Region],
+        lh: int,
+        lw: int,
+        native_views: bool,
+        view_overlap: float,
+    ) -> _Layout:
+        """The cross-attention processors for the regions, and the windows of the canvas
+        (one, or the native-size views with the regions inside each)."""
+        factor = self.vae_scale_factor
+        levels = len(self.unet.config.block_out_channels)
         sizes = latent_sizes(lh, lw, levels)
         full_masks = [region_masks([r.box for r in regions], h, w) for h, w in sizes]
         attention: contextlib.AbstractContextManager[object]
         if regions:
             masks = {h * w: m for (h, w), m in zip(sizes, full_masks, strict=True)}
-            attention = regional_cross_attention(b.unet, masks, b.tokenizer.model_max_length)
+            attention = regional_cross_attention(self.unet, masks, self.tokenizer.model_max_length)
         else:
-            attention = layerwise_cross_attention(b.unet)
-        native = b.default_resolution // factor
+            attention = layerwise_cross_attention(self.unet)
+        native = self.default_resolution // factor
         align = 2 ** (levels - 1)
         stride = view_stride(native, view_overlap, align)  # checks the overlap, views or not
         views = (
@@ -287,60 +334,95 @@ class MixOfShowPipeline(DiffusionPipeline):
             view_regions.append(
                 (inside, {c.shape[-2] * c.shape[-1]: c[inside].flatten(1) for c in crops})
             )
+        return _Layout((lh, lw), attention, views, view_regions)
 
-        for condition in adapters:
-            check_adapter_fits(condition.adapter, b.unet, factor)
-        features = adapter_features(
-            adapters, [r.box for r in regions], width, height, device, dtype
-        )
+    def _guided_context(
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        regions: list[Region],
+        num_images_per_prompt: int,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The text context of every image: ``[uncond; cond]`` with guidance, else cond."""
+        dtype = self.unet.dtype
+        cond = self._context(prompts, [r.prompt for r in regions])
+        cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
+        if guidance_scale <= 1.0:
+            return cond.to(dtype)
+        uncond = self._context(negatives, [r.negative_prompt for r in regions])
+        uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0)
+        return torch.cat([uncond, cond]).to(dtype)
 
-        with self.lora_scale(lora_scale), attention:
-            cond = self._context(prompts, [r.prompt for r in regions])
-            cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
-            do_cfg = guidance_scale > 1.0
+    def _initial_latents(
+        self,
+        batch: int,
+        size: tuple[int, int],
+        latents: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        device, dtype = self.device, self.unet.dtype
+        shape = (batch, self.unet.config.in_channels, *size)
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+        return latents.to(device, dtype)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        layout: _Layout,
+        features: list[torch.Tensor],
+        num_inference_steps: int,
+        guidance_scale: float,
+        adapter_conditioning_factor: float,
+        progress: bool,
+    ) -> torch.Tensor:
+        """The sampler loop: classifier-free guidance, adapter residuals in the first steps,
+        one UNet call on the canvas or one per view."""
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = latents * scheduler.init_noise_sigma
+        do_cfg = guidance_scale > 1.0
+        guided = int(round(adapter_conditioning_factor * len(scheduler.timesteps)))
+        self.set_progress_bar_config(disable=not progress, desc="sampling")
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            extra = {}
+            if features and i < guided:  # the UNet pops from the list: a fresh one each step
+                n = model_in.shape[0]
+                extra["down_intrablock_additional_residuals"] = [
+                    f.expand(n, -1, -1, -1) for f in features
+                ]
+            if len(layout.views) == 1:
+                eps = self.unet(model_in, t, encoder_hidden_states=context, **extra).sample
+            else:
+                eps = self._views(model_in, t, context, extra, layout.views, layout.view_regions)
             if do_cfg:
-                uncond = self._context(negatives, [r.negative_prompt for r in regions])
-                uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0)
-                context = torch.cat([uncond, cond]).to(dtype)
-            else:
-                context = cond.to(dtype)
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents).prev_sample
+        return latents
 
-            batch = len(prompts) * num_images_per_prompt
-            shape = (batch, b.unet.config.in_channels, lh, lw)
-            if latents is None:
-                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            elif tuple(latents.shape) != shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
-            else:
-                latents = latents.to(device, dtype)
-            scheduler = self.scheduler
-            scheduler.set_timesteps(num_inference_steps, device=device)
-            latents = latents * scheduler.init_noise_sigma
-            guided = int(round(adapter_conditioning_factor * len(scheduler.timesteps)))
-            self.set_progress_bar_config(disable=not progress, desc="sampling")
-            for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
-                model_in = torch.cat([latents] * 2) if do_cfg else latents
-                model_in = scheduler.scale_model_input(model_in, t)
-                extra = {}
-                if features and i < guided:  # the UNet pops from the list: a fresh one each step
-                    n = model_in.shape[0]
-                    extra["down_intrablock_additional_residuals"] = [
-                        f.expand(n, -1, -1, -1) for f in features
-                    ]
-                if len(views) == 1:
-                    eps = b.unet(model_in, t, encoder_hidden_states=context, **extra).sample
-                else:
-                    eps = self._views(model_in, t, context, extra, views, view_regions)
-                if do_cfg:
-                    eps_u, eps_c = eps.chunk(2)
-                    eps = eps_u + guidance_scale * (eps_c - eps_u)
-                latents = scheduler.step(eps, t, latents).prev_sample
-
+    def _decode(self, latents: torch.Tensor, output_type: str) -> list[Image.Image] | torch.Tensor:
         if output_type == "latent":
             return latents
-        images = b.vae.decode(latents / b.vae.config.scaling_factor).sample
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         images = (images / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return images
         arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
+
+
+@dataclass
+class _Layout:
+    """Where a sample's regions and windows lie on its latent canvas."""
+
+    size: tuple[int, int]  # latent height, width
+    attention: contextlib.AbstractContextManager[object]
+    views: list[tuple[int, int, int, int]]
+    view_regions: list[tuple[list[int], dict[int, torch.Tensor]]]

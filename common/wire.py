@@ -80,9 +80,11 @@ def package_from_records(
     if not sent:
         raise PackageError(f"{origin}: the manifest has no sha256 of its arrays")
     tensors = arrays_to_tensors(arrays, max_bytes, origin)
-    package = ConceptPackage.from_parts(tensors, meta, origin=origin)
-    if package.sha256 != sent:
+    received = digest(tensors)
+    if received != sent:  # first: what arrived is not what was sent
         raise PackageError(f"{origin}: the arrays do not match the manifest's sha256")
+    package = ConceptPackage.from_parts(tensors, meta, origin=origin)
+    package.seed_sha256(received, tensors)
     return package
 
 

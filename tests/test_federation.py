@@ -397,3 +397,19 @@ def test_the_client_app_refuses_with_a_reason_instead_of_crashing(tmp_path):
     context = Context(run_id=7, node_id=3, node_config=node, state=RecordDict(), run_config={})
     reason = app(train_message(build_tiny()), context).content.config_records[fed.REFUSAL]
     assert "not a folder" in reason["reason"]
+
+
+def test_a_received_packages_digest_is_computed_once(monkeypatch):
+    import mos.common.package as package_module
+    import mos.common.wire as wire_module
+
+    base = build_tiny()
+    arrays, manifest = package_to_records(random_package(base, "dog1", seed=1))
+    calls = []
+    real = wire_module.digest
+    counting = lambda tensors: calls.append(1) or real(tensors)  # noqa: E731
+    monkeypatch.setattr(wire_module, "digest", counting)
+    monkeypatch.setattr(package_module, "digest", counting)
+    package = package_from_records(arrays, manifest)
+    assert package.sha256 == manifest["sha256"]
+    assert len(calls) == 1
