@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 
 from ..common.base import TINY, BaseModel, BaseModelError, load_base_model
-from ..common.cli import UsageError, config_from, default_class_word, resolve_device, run_command
+from ..common.cli import UsageError, default_class_word, resolve_device, run_command
 from ..common.concepts import ConceptError, parse_concept_name
 from ..common.config import TrainConfig
 from ..common.edlora import class_word_id
 from ..common.images import image_grid, loss_curve
 from ..common.pipeline import MixOfShowPipeline
-from ..common.settings import add_options, given
+from ..common.presets import load_preset
+from ..common.settings import SettingsError, add_options, given
 from .data import PhotoFolderError, load_photo_folder
 from .trainer import train_concept
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tuning = p.add_argument_group(
         "tuning (with --superlink the server sets these; see the run config)"
+    )
+    tuning.add_argument(
+        "--preset", help="a named set of tuning settings beneath the options given (e.g. toy)"
     )
     add_options(tuning, TrainConfig)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -127,7 +131,10 @@ def run(args: argparse.Namespace) -> Path:
         name = parse_concept_name(args.concept)
     except ConceptError as err:
         raise UsageError(str(err)) from err
-    config = config_from(TrainConfig, **given(args, TrainConfig))
+    try:
+        config = load_preset(args.preset).train_config(**given(args, TrainConfig))
+    except SettingsError as err:
+        raise UsageError(str(err)) from err
     out = args.out or Path(f"{name}.safetensors")
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out}: a concept package file must end in .safetensors")

@@ -28,7 +28,8 @@ from ..common.config import FusionConfig
 from ..common.federation import ServerSettings
 from ..common.fused import FusedModel, save_fused_folder
 from ..common.package import ConceptPackage, PackageError
-from ..common.settings import add_options, given
+from ..common.presets import load_preset
+from ..common.settings import SettingsError, add_options, given
 from .fusion import FusionEngine
 from .report import fidelity, sample_grid, write_report
 
@@ -45,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights", type=float, nargs="+", help="weight-fusion weights (default 1/n each)"
     )
-    add_options(p.add_argument_group("fusion"), FusionConfig)
+    fusion = p.add_argument_group("fusion")
+    fusion.add_argument("--preset", help="a named set of fusion settings beneath the options given")
+    add_options(fusion, FusionConfig)
     p.add_argument("--no-grid", action="store_true", help="skip the sample grid of the report")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     return p
@@ -80,7 +83,10 @@ def run(args: argparse.Namespace) -> Path:
         raise UsageError(
             f"--weights: {len(args.weights)} weights for {len(args.concepts)} packages"
         )
-    config = config_from(FusionConfig, **given(args, FusionConfig))
+    try:
+        config = load_preset(args.preset).fusion_config(**given(args, FusionConfig))
+    except SettingsError as err:
+        raise UsageError(str(err)) from err
     server = config_from(ServerSettings, **given(args, ServerSettings))
     device = resolve_device(server.device)
     packages = read_packages(args.concepts)

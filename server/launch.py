@@ -32,6 +32,7 @@ from ..common.federation import (
     toml_value,
     write_app_dir,
 )
+from ..common.presets import load_preset
 from ..common.processes import LaunchError, Managed, executable, flower_env, free_port
 from ..common.settings import SettingsError, add_options, build, given, key, option, scalar_fields
 
@@ -44,6 +45,11 @@ NOT_OPTIONS = ("data_root", "client_root")
 def _settings_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """Options that become run-config values: one per field of the three settings models."""
     add_options(p, ServerSettings, exclude=(*NOT_OPTIONS, *exclude))
+    p.add_argument(
+        "--preset",
+        help="a named set of tuning and fusion settings beneath the options given; resolved "
+        "here into run-config values",
+    )
     train = p.add_argument_group("tuning on the clients")
     add_options(train, TrainConfig)
     fusion = p.add_argument_group("fusion on the server")
@@ -57,7 +63,12 @@ def _non_scalar(model: type[PydanticModel]) -> tuple[str, ...]:
 def _overrides(args: argparse.Namespace, **fixed: str | int | float | bool) -> dict:
     """The run-config values given on the command line (plus ``fixed``), validated; an error
     names the option."""
-    values: dict[str, str | int | float | bool] = {}
+    try:
+        preset = load_preset(args.preset)
+    except SettingsError as err:
+        raise UsageError(str(err)) from err
+    values: dict[str, str | int | float | bool] = preset.run_config(FUSION_PREFIX)
+    beneath = {TrainConfig: preset.train, FusionConfig: preset.fusion}
     sections: tuple[tuple[type[PydanticModel], str, tuple[str, ...]], ...] = (
         (ServerSettings, "", NOT_OPTIONS),
         (TrainConfig, "", ()),
@@ -66,7 +77,7 @@ def _overrides(args: argparse.Namespace, **fixed: str | int | float | bool) -> d
     for model, prefix, exclude in sections:
         chosen = given(args, model, prefix, exclude)
         try:
-            build(model, chosen, partial(option, prefix=prefix))
+            build(model, {**beneath.get(model, {}), **chosen}, partial(option, prefix=prefix))
         except SettingsError as err:
             raise UsageError(str(err)) from err
         values.update({key(name, prefix): value for name, value in chosen.items()})

@@ -111,3 +111,39 @@ def test_mos_client_builds_its_train_config_from_the_fields(tmp_path):
     )
     config = build(TrainConfig, given(args, TrainConfig))
     assert config == TrainConfig(lr_text=2e-4, mask_loss=False)
+
+
+# --- presets ---------------------------------------------------------------------------
+def test_a_preset_is_one_object_beneath_the_options_given(tmp_path):
+    from mos.common.presets import Preset, load_preset
+    from mos.toyworld.evaluate import TOY_LOCON, TOY_TRAINING
+
+    preset = load_preset("toy-locon")
+    assert preset.train_config() == TrainConfig(**{**TOY_TRAINING, **TOY_LOCON})
+    assert preset.train_config(steps=5).steps == 5
+    assert load_preset("") == load_preset(None) and load_preset("").train_config() == TrainConfig()
+    with pytest.raises(SettingsError, match="no such preset.*toy-locon"):
+        load_preset("nope")
+    with pytest.raises(ValueError, match="stepz"):
+        Preset(description="a typo", train={"stepz": 1})
+    with pytest.raises(ValueError, match="fusion.ridge"):
+        Preset(description="out of range", fusion={"ridge": -1})
+
+
+def test_every_command_takes_a_preset_and_the_servers_resolve_it_into_the_run_config(tmp_path):
+    from mos.common.cli import UsageError
+    from mos.server.launch import _overrides
+
+    args = client_parser().parse_args(
+        ["--data", str(tmp_path), "--concept", "dog1", "--preset", "toy", "--lr-unet", "2e-3"]
+    )
+    from mos.common.presets import load_preset
+
+    config = load_preset(args.preset).train_config(**given(args, TrainConfig))
+    assert (config.lr_text, config.lr_unet, config.flip_p) == (1e-4, 2e-3, 0.0)
+    values = _overrides(server_parser().parse_args(["--preset", "toy-locon", "--conv-rank", "4"]))
+    s = fed.RunSettings.from_run_config(values)
+    assert (s.train.steps, s.train.conv_rank, s.train.lr_text) == (1000, 4, 1e-4)
+    with pytest.raises(UsageError, match="no such preset"):
+        _overrides(server_parser().parse_args(["--preset", "nope"]))
+    assert "preset" in _dests(fuse_parser())

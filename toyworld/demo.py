@@ -195,18 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.fusion_steps is not None and args.fusion_steps < 1:
         p.error(f"--fusion-steps must be at least 1, got {args.fusion_steps}")
     toy = args.base_model == "toy"
-    training = ["--steps", str(args.steps or 300)]
-    conv_rank = args.conv_rank if args.conv_rank is not None else 0
-    if toy:
-        from .evaluate import TOY_LOCON, TOY_TRAINING
-
-        t = TOY_TRAINING
-        if args.conv_rank is None:
-            conv_rank = TOY_LOCON["conv_rank"]
-        steps = args.steps or (TOY_LOCON["steps"] if conv_rank else t["steps"])
-        training = ["--steps", str(steps), "--lr-embedding",
-                    str(t["lr_embedding"]), "--lr-text", str(t["lr_text"]),
-                    "--lr-unet", str(t["lr_unet"]), "--flip-p", str(t["flip_p"])]  # fmt: skip
+    if toy:  # the toy base's presets: with LoCon unless told --conv-rank 0
+        preset = "toy" if args.conv_rank == 0 else "toy-locon"
+        training = ["--preset", preset]
+        if args.conv_rank:
+            training += ["--conv-rank", str(args.conv_rank)]
+        if args.steps:
+            training += ["--steps", str(args.steps)]
+    else:
+        training = ["--steps", str(args.steps or 300), "--conv-rank", str(args.conv_rank or 0)]
     folders = (write_toy_folders if toy else write_client_folders)(args.out / "photos")
     print(f"mos-demo: wrote the photos of {len(folders)} clients to {args.out / 'photos'}")
     code = simulate_main(
@@ -218,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
             "--out",
             str(args.out),
             *training,
-            "--conv-rank",
-            str(conv_rank),
             "--base-model",
             args.base_model,
             *(["--fusion-steps", str(args.fusion_steps)] if args.fusion_steps is not None else []),

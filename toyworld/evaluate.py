@@ -33,6 +33,7 @@ from mos.common.config import TrainConfig
 from mos.common.fused import FusedModel
 from mos.common.package import ConceptPackage
 from mos.common.pipeline import MixOfShowPipeline
+from mos.common.presets import Preset
 from mos.common.regions import Box, Region
 
 from .analyse import ConceptDetector
@@ -89,6 +90,23 @@ def write_concept_folder(
         json.dumps({"concept": name, "class_word": CONCEPTS[name].class_word})
     )
     return folder
+
+
+def toy_preset() -> Preset:
+    """``--preset toy``: the paper's ED-LoRA with the toy base's learning rates."""
+    return Preset(
+        description="ED-LoRA on the toy base: 10x SD's learning rates, no flips",
+        train=TOY_TRAINING,
+    )
+
+
+def toy_locon_preset() -> Preset:
+    """``--preset toy-locon``: what ``mos-demo`` tunes on the toy base (LoCon 16, 1000
+    steps, beyond the paper)."""
+    return Preset(
+        description="ED-LoRA + LoCon 16 on the up blocks, 1000 steps, on the toy base",
+        train={**TOY_TRAINING, **TOY_LOCON},
+    )
 
 
 def toy_train_config(**overrides) -> TrainConfig:
