@@ -147,3 +147,27 @@ def test_every_command_takes_a_preset_and_the_servers_resolve_it_into_the_run_co
     with pytest.raises(UsageError, match="no such preset"):
         _overrides(server_parser().parse_args(["--preset", "nope"]))
     assert "preset" in _dests(fuse_parser())
+
+
+def test_the_deployment_kits_commands_use_options_that_exist():
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from mos.client.cli import build_parser as mos_client_parser
+
+    root = Path(__file__).resolve().parents[1]
+    service = (root / "deploy/systemd/mos-server.service").read_text().replace("\\\n", " ")
+    exec_start = next(line for line in service.splitlines() if line.startswith("ExecStart="))
+    commands = [shlex.split(exec_start.partition("=")[2])]
+    compose = yaml.safe_load((root / "deploy/compose.yaml").read_text())
+    commands += [shlex.split(s["command"]) for s in compose["services"].values() if "command" in s]
+    parsers = {"mos-server": server_parser, "mos-client": mos_client_parser}
+    checked = 0
+    for cmd in commands:
+        name = Path(cmd[0]).name
+        if name in parsers:
+            parsers[name]().parse_args(cmd[1:])  # exits (fails the test) on an unknown option
+            checked += 1
+    assert checked >= 2
