@@ -218,6 +218,33 @@ class ConceptFusionStrategy(Strategy):
             )
         return package
 
+    def _triage(
+        self, reply: Message, node: int, taken: dict[str, int]
+    ) -> tuple[str, str | ConceptPackage]:
+        """One training reply: ``("rejected", reason)``, ``("known", name or package)``
+        (already registered: by name, or the same package sent again) or ``("new",
+        package)``, validated once."""
+        if reply.has_error():
+            return "rejected", f"node {node}: failed ({reply.error.reason})"
+        content = reply.content
+        if fed.REFUSAL in content.config_records:
+            return (
+                "rejected",
+                f"node {node} refused: {content.config_records[fed.REFUSAL]['reason']}",
+            )
+        manifest = content.config_records.get(fed.MANIFEST)
+        if manifest is not None and manifest.get("status") == "registered":
+            name = str(manifest.get("concept", "")).strip("<>")
+            if name in self.registry.entries:
+                return "known", name
+        try:
+            package = self._validate(reply, taken)
+            if self.registry.check(package, f"node {node}") == "known":
+                return "known", package
+        except PackageError as err:
+            return "rejected", str(err)
+        return "new", package
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -231,36 +258,20 @@ class ConceptFusionStrategy(Strategy):
         new_packages: list[tuple[ConceptPackage, int]] = []
         for reply in replies:
             node = _sender(reply, self.sent_train)
-            if reply.has_error():
-                reason = f"node {node}: failed ({reply.error.reason})"
-                log.warning("round %d: %s", server_round, reason)
-                record["rejected"].append({"node": node, "reason": reason})
+            status, detail = self._triage(reply, node, taken)
+            if status == "rejected":
+                log.warning("round %d: rejected: %s", server_round, detail)
+                record["rejected"].append({"node": node, "reason": detail})
                 continue
-            content = reply.content
-            if fed.REFUSAL in content.config_records:
-                reason = f"node {node} refused: {content.config_records[fed.REFUSAL]['reason']}"
-                log.warning("round %d: %s", server_round, reason)
-                record["rejected"].append({"node": node, "reason": reason})
-                continue
-            manifest = content.config_records.get(fed.MANIFEST)
-            if manifest is not None and manifest.get("status") == "registered":
-                name = str(manifest.get("concept", "")).strip("<>")
-                if name in self.registry.entries:
-                    record["known"].append(name)
-                    log.info("round %d: node %d: %s already registered", server_round, node, name)
-                    continue
-            try:
-                package = self._validate(reply, taken)
-                status = self.registry.check(package, f"node {node}")
-            except PackageError as err:
-                log.warning("round %d: rejected: %s", server_round, err)
-                record["rejected"].append({"node": node, "reason": str(err)})
-                continue
-            taken[package.concept.name] = node
+            if isinstance(detail, ConceptPackage):  # a concept once per round
+                taken[detail.concept.name] = node
             if status == "known":
-                record["known"].append(package.concept.name)
-                continue
-            new_packages.append((package, node))
+                name = detail.concept.name if isinstance(detail, ConceptPackage) else detail
+                log.info("round %d: node %d: %s already registered", server_round, node, name)
+                record["known"].append(name)
+            else:
+                assert isinstance(detail, ConceptPackage)
+                new_packages.append((detail, node))
         for package, node in new_packages:
             self.registry.accept(package, f"node {node}", node, server_round)
             record["accepted"].append(package.concept.name)
