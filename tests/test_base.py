@@ -92,6 +92,7 @@ def test_bad_specs_give_clear_errors(tmp_path, monkeypatch):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.slow
 def test_fingerprint_is_the_same_in_every_process():
     """The tiny model and its tokenizer must not depend on hash order (PYTHONHASHSEED)."""
     import subprocess

@@ -176,6 +176,7 @@ def test_bad_photos_fail_with_every_file_named(tmp_path, capsys, monkeypatch):
     assert code == 2 and "not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_runs_from_an_unactivated_venv(photo_dir, tmp_path):
     exe = Path(sys.executable).with_name("mos-client")
     if not exe.exists():

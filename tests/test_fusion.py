@@ -164,6 +164,7 @@ def _packages(files):
     return [ConceptPackage.load(f) for f in files]
 
 
+@pytest.mark.slow
 def test_fusing_one_concept_reproduces_its_model(concept_files):
     engine = FusionEngine(build_tiny(), _packages(concept_files[:1]))
     result = engine.fuse(progress=False)
@@ -172,6 +173,7 @@ def test_fusing_one_concept_reproduces_its_model(concept_files):
     assert report["concepts"][0]["gradient-fusion"]["text_drift"] < 1e-4
 
 
+@pytest.mark.slow
 def test_gradient_fusion_keeps_concepts_better_than_weight_fusion(concept_files):
     engine = FusionEngine(build_tiny(), _packages(concept_files))
     gradient, weight = engine.fuse(progress=False), engine.weight_fusion()
@@ -191,6 +193,7 @@ def _close(a, b):
     )
 
 
+@pytest.mark.slow
 def test_incremental_add_and_remove_equal_fusing_from_scratch(concept_files):
     config = FusionConfig(mode="independent")
     p = _packages(concept_files)
@@ -211,6 +214,7 @@ def test_incremental_add_and_remove_equal_fusing_from_scratch(concept_files):
     assert recorded == ["toy3"]
 
 
+@pytest.mark.slow
 def test_sampling_concepts_in_one_batch_gives_the_same_fusion(concept_files):
     p = _packages(concept_files)
     one = FusionEngine(build_tiny(), p, FusionConfig(concept_batch=1, samples=2)).fuse(
@@ -230,6 +234,7 @@ def test_sampling_concepts_in_one_batch_gives_the_same_fusion(concept_files):
     assert many.objective["spatial"] == pytest.approx(one.objective["spatial"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_compact_form_on_the_base_equals_the_fused_folder(concept_files, tmp_path):
     out = tmp_path / "fused"
     assert fuse_main(["--concepts", *map(str, concept_files), "--out", str(out), "--no-grid"]) == 0
@@ -256,6 +261,7 @@ def test_compact_form_on_the_base_equals_the_fused_folder(concept_files, tmp_pat
         FusedModel.load_compact(out / "fused.safetensors").attach(build_tiny(seed=1))
 
 
+@pytest.mark.slow
 def test_mos_fuse_refuses_bad_packages_before_work(concept_files, tmp_path, capsys):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a package")
@@ -273,6 +279,7 @@ def test_mos_fuse_refuses_bad_packages_before_work(concept_files, tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_noise_predictions_depend_on_the_adapters(concept_files):
     engine = FusionEngine(build_tiny(), _packages(concept_files[:1]))
     prompts = ["photo of a <dog1>", "<dog1>"]
@@ -284,6 +291,7 @@ def test_noise_predictions_depend_on_the_adapters(concept_files):
     assert not torch.allclose(base, noise_predictions(engine, prompts, inputs))
 
 
+@pytest.mark.slow
 def test_mos_fuse_with_the_reference_solver_and_weights(concept_files, tmp_path):
     out = tmp_path / "ref"
     args = ["--concepts", *map(str, concept_files[:2]), "--out", str(out), "--no-grid"]

@@ -51,6 +51,7 @@ def test_initialisation_follows_the_method(tiny, photo_dir):
     assert not torch.equal(emb[0, 0], emb[0, 1])  # each layer its own draw
 
 
+@pytest.mark.slow
 def test_norm_threshold_freezes_embeddings(photo_dir):
     photos = load_photo_folder(photo_dir)
 
@@ -84,6 +85,7 @@ def test_norm_threshold_freezes_embeddings(photo_dir):
     assert not torch.equal(free.package.embeddings, full.package.embeddings)
 
 
+@pytest.mark.slow
 def test_short_tuning_lowers_the_loss_on_a_fixed_batch(photo_dir):
     photos = load_photo_folder(photo_dir)
     caption = "a photo of a <dog1>"
