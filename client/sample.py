@@ -208,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--region", action="append", default=[], help="'PROMPT@x0,y0,x1,y1[@NEGATIVE]'")
     p.add_argument("--scene", type=Path, help="scene file (.json, .yaml) or a mos-sample PNG")
-    p.add_argument("--adapter", help="a T2I-Adapter folder or hub id (keypose, sketch)")
+    p.add_argument(
+        "--adapter",
+        help="an installed adapter name (toy-sketch), a T2I-Adapter folder or a hub id "
+        "(keypose, sketch)",
+    )
     p.add_argument("--adapter-image", type=Path, help="the adapter's condition image")
     p.add_argument("--adapter-weight", type=float, default=1.0, help="its global weight (1.0)")
     p.add_argument(
