@@ -315,7 +315,8 @@ def load_base_model(
     - anything shaped ``owner/name``: a Hugging Face hub id (needs the network).
     """
     spec_str = str(spec)
-    if spec_str in named_bases():
+    installed = named_bases()
+    if spec_str in installed:
         return load_named_base(spec_str).to("cpu", dtype)
     if spec_str == TINY or spec_str.startswith(TINY + ":"):
         seed_text = spec_str.partition(":")[2] or "0"
@@ -343,7 +344,7 @@ def load_base_model(
         return _load_hub(spec_str, dtype)
     raise BaseModelError(
         f"base model '{spec_str}' not found: give "
-        + "".join(f"'{n}', " for n in [TINY, *sorted(named_bases())])
+        + "".join(f"'{n}', " for n in [TINY, *sorted(installed)])
         + "a diffusers folder, "
         "a single-file .safetensors checkpoint, or a hub id such as "
         "'stable-diffusion-v1-5/stable-diffusion-v1-5'"

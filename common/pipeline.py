@@ -172,8 +172,7 @@ class MixOfShowPipeline(DiffusionPipeline):
     def _views(self, model_in, t, context, extra, views, view_regions) -> torch.Tensor:
         """The UNet's prediction for a large latent, averaged over its windows (each with
         the regions inside it: the global prompt's tokens, then those regions')."""
-        b = self
-        tokens = b.tokenizer.model_max_length
+        tokens = self.tokenizer.model_max_length
         full = tuple(model_in.shape[-2:])
         pred = torch.zeros_like(model_in)
         count = torch.zeros_like(model_in[:1, :1])
@@ -183,9 +182,9 @@ class MixOfShowPipeline(DiffusionPipeline):
             keep += [context[:, :, (1 + r) * tokens : (2 + r) * tokens] for r in inside]
             ctx = torch.cat(keep, dim=2)
             attention = (
-                regional_cross_attention(b.unet, masks, tokens)
+                regional_cross_attention(self.unet, masks, tokens)
                 if inside
-                else layerwise_cross_attention(b.unet)
+                else layerwise_cross_attention(self.unet)
             )
             kwargs = {}
             if residuals is not None:
@@ -193,7 +192,7 @@ class MixOfShowPipeline(DiffusionPipeline):
                     crop_view(f, view, full) for f in residuals
                 ]
             with attention:
-                out = b.unet(
+                out = self.unet(
                     crop_view(model_in, view, full), t, encoder_hidden_states=ctx, **kwargs
                 ).sample
             crop_view(pred, view, full).add_(out)

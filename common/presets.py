@@ -19,7 +19,7 @@ from pydantic import BaseModel as _Model
 from pydantic import ConfigDict, Field, model_validator
 
 from .config import FusionConfig, TrainConfig
-from .settings import SettingsError, build, key
+from .settings import SettingsError, build
 
 PRESETS_GROUP = "mos.presets"
 
@@ -46,13 +46,6 @@ class Preset(_Model):
     def fusion_config(self, **given: Any) -> FusionConfig:
         """The preset's fusion settings under ``given`` ones."""
         return build(FusionConfig, {**self.fusion, **given})
-
-    def run_config(self, fusion_prefix: str) -> dict[str, Any]:
-        """The preset as run-config values (fusion keys with ``fusion_prefix``)."""
-        return {
-            **{key(k): v for k, v in self.train.items()},
-            **{key(k, fusion_prefix): v for k, v in self.fusion.items()},
-        }
 
 
 NO_PRESET = Preset(description="the project's defaults (docs/method.md)")

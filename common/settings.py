@@ -65,18 +65,18 @@ def build(
         raise SettingsError(validation_message(err, name)) from err
 
 
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """(the type without ``None``, whether ``None`` is allowed)."""
+def _unwrap(annotation: Any) -> Any:
+    """The type without ``None`` (``int | None`` -> ``int``)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
-            return args[0], True
-    return annotation, False
+            return args[0]
+    return annotation
 
 
 def _scalar(annotation: Any) -> bool:
-    kind, _ = _unwrap(annotation)
+    kind = _unwrap(annotation)
     return typing.get_origin(kind) is Literal or kind in (str, int, float, bool)
 
 
@@ -103,7 +103,7 @@ def add_options(
     for name, f in model.model_fields.items():
         if name in skip or (keep is not None and name not in keep):
             continue
-        kind, _ = _unwrap(f.annotation)
+        kind = _unwrap(f.annotation)
         default = _default(f)
         text = f.description or ""
         shown = " ".join(map(repr, default)) if isinstance(default, tuple) else default

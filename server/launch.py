@@ -67,22 +67,21 @@ def _overrides(args: argparse.Namespace, **fixed: str | int | float | bool) -> d
         preset = load_preset(args.preset)
     except SettingsError as err:
         raise UsageError(str(err)) from err
-    values: dict[str, str | int | float | bool] = preset.run_config(FUSION_PREFIX)
-    beneath = {TrainConfig: preset.train, FusionConfig: preset.fusion}
-    sections: tuple[tuple[type[PydanticModel], str, tuple[str, ...]], ...] = (
-        (ServerSettings, "", NOT_OPTIONS),
-        (TrainConfig, "", ()),
-        (FusionConfig, FUSION_PREFIX, ()),
+    values: dict[str, str | int | float | bool] = {}
+    sections: tuple[tuple[type[PydanticModel], str, tuple[str, ...], dict], ...] = (
+        (ServerSettings, "", NOT_OPTIONS, {}),
+        (TrainConfig, "", (), preset.train),
+        (FusionConfig, FUSION_PREFIX, (), preset.fusion),
     )
-    for model, prefix, exclude in sections:
-        chosen = given(args, model, prefix, exclude)
+    for model, prefix, exclude, beneath in sections:
+        chosen = {**beneath, **given(args, model, prefix, exclude)}
         try:
-            build(model, {**beneath.get(model, {}), **chosen}, partial(option, prefix=prefix))
+            build(model, chosen, partial(option, prefix=prefix))
         except SettingsError as err:
             raise UsageError(str(err)) from err
         values.update({key(name, prefix): value for name, value in chosen.items()})
     values.update(fixed)
-    try:
+    try:  # the fixed values too
         RunSettings.from_run_config(values)
     except SettingsError as err:
         raise UsageError(str(err)) from err

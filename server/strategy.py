@@ -220,30 +220,27 @@ class ConceptFusionStrategy(Strategy):
 
     def _triage(
         self, reply: Message, node: int, taken: dict[str, int]
-    ) -> tuple[str, str | ConceptPackage]:
-        """One training reply: ``("rejected", reason)``, ``("known", name or package)``
-        (already registered: by name, or the same package sent again) or ``("new",
-        package)``, validated once."""
+    ) -> tuple[str, str, ConceptPackage | None]:
+        """One training reply, validated once: ``(status, text, package)`` with status
+        ``rejected`` (text: the reason), ``known`` (already registered; text: the concept
+        name; the package when it was sent again) or ``new``."""
         if reply.has_error():
-            return "rejected", f"node {node}: failed ({reply.error.reason})"
+            return "rejected", f"node {node}: failed ({reply.error.reason})", None
         content = reply.content
         if fed.REFUSAL in content.config_records:
-            return (
-                "rejected",
-                f"node {node} refused: {content.config_records[fed.REFUSAL]['reason']}",
-            )
+            reason = content.config_records[fed.REFUSAL]["reason"]
+            return "rejected", f"node {node} refused: {reason}", None
         manifest = content.config_records.get(fed.MANIFEST)
         if manifest is not None and manifest.get("status") == "registered":
             name = str(manifest.get("concept", "")).strip("<>")
             if name in self.registry.entries:
-                return "known", name
+                return "known", name, None
         try:
             package = self._validate(reply, taken)
-            if self.registry.check(package, f"node {node}") == "known":
-                return "known", package
+            status = self.registry.check(package, f"node {node}")
         except PackageError as err:
-            return "rejected", str(err)
-        return "new", package
+            return "rejected", str(err), None
+        return status, package.concept.name, package
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -258,20 +255,19 @@ class ConceptFusionStrategy(Strategy):
         new_packages: list[tuple[ConceptPackage, int]] = []
         for reply in replies:
             node = _sender(reply, self.sent_train)
-            status, detail = self._triage(reply, node, taken)
+            status, text, package = self._triage(reply, node, taken)
             if status == "rejected":
-                log.warning("round %d: rejected: %s", server_round, detail)
-                record["rejected"].append({"node": node, "reason": detail})
+                log.warning("round %d: rejected: %s", server_round, text)
+                record["rejected"].append({"node": node, "reason": text})
                 continue
-            if isinstance(detail, ConceptPackage):  # a concept once per round
-                taken[detail.concept.name] = node
+            if package is not None:  # a concept once per round
+                taken[package.concept.name] = node
             if status == "known":
-                name = detail.concept.name if isinstance(detail, ConceptPackage) else detail
-                log.info("round %d: node %d: %s already registered", server_round, node, name)
-                record["known"].append(name)
+                log.info("round %d: node %d: %s already registered", server_round, node, text)
+                record["known"].append(text)
             else:
-                assert isinstance(detail, ConceptPackage)
-                new_packages.append((detail, node))
+                assert package is not None
+                new_packages.append((package, node))
         for package, node in new_packages:
             self.registry.accept(package, f"node {node}", node, server_round)
             record["accepted"].append(package.concept.name)
