@@ -423,6 +423,7 @@ class FusionEngine:
         device = self.base.device
         factors: Factors = {}
         total_obj = baseline_obj = 0.0
+        ran: list[int] = []  # L-BFGS iterations per layer
         for group in groups:
             total = totals.pop(group.key)
             for target in group.targets:
@@ -440,14 +441,20 @@ class FusionEngine:
                         else self.config.lbfgs_iterations_text
                     )
                     feats = [torch.cat(self._raw[n][group.key]) for n in names]
-                    delta = lbfgs_reference(feats, ups, downs, iters, device=device)
-                    up = delta.double()
+                    run = lbfgs_reference(feats, ups, downs, iters, device=device)
+                    ran.append(run.iterations)
+                    up = run.delta.double()
+                    delta = run.delta
                     down = torch.eye(delta.shape[1], dtype=torch.float64, device=device)
                 factors[target] = (up, down)
                 stats = (total, ups, downs, crosses[target])
                 total_obj += objective_from_stats(up, down, *stats)
                 wf_up, wf_down = weight_fusion_factors(ups, downs)
                 baseline_obj += objective_from_stats(wf_up, wf_down, *stats)
+        if ran:
+            log.info(
+                "L-BFGS on %d %s layers: %d-%d iterations", len(ran), part, min(ran), max(ran)
+            )
         return factors, total_obj, baseline_obj
 
     def fuse(self, progress: bool = True) -> FusionResult:
