@@ -169,6 +169,21 @@ def _replace(text: str, token: str, new: str) -> str:
     return re.sub(re.escape(token), lambda _: new, text, flags=re.IGNORECASE)
 
 
+def prompt_token_ids(
+    tokenizer, prompts: Sequence[str], concepts: ConceptTable, num_layers: int
+) -> tuple[torch.Tensor, bool]:
+    """The ids ``encode_prompts`` feeds the text encoder, and whether they are per layer.
+
+    ``[len(prompts) * num_layers, tokens]`` (copy ``l`` of prompt ``p`` at row
+    ``p * num_layers + l``), or ``[len(prompts), tokens]`` when no prompt has layer-wise
+    concepts (each is encoded once and broadcast to every layer).
+    """
+    per_layer = [concepts.expand(p, num_layers) for p in prompts]
+    if all(len(set(copies)) == 1 for copies in per_layer):
+        return tokenize(tokenizer, [copies[0] for copies in per_layer]), False
+    return tokenize(tokenizer, [s for copies in per_layer for s in copies]), True
+
+
 def encode_prompts(
     text_encoder: CLIPTextModel,
     tokenizer,
@@ -180,16 +195,18 @@ def encode_prompts(
 
     Prompts without layer-wise concepts are encoded once and broadcast to every layer.
     """
-    per_layer = [concepts.expand(p, num_layers) for p in prompts]
-    device = text_encoder.device
-    if all(len(set(copies)) == 1 for copies in per_layer):
-        ids = tokenize(tokenizer, [copies[0] for copies in per_layer]).to(device)
-        hidden = text_encoder(ids)[0]
+    ids, layerwise = prompt_token_ids(tokenizer, prompts, concepts, num_layers)
+    hidden = text_encoder(ids.to(text_encoder.device))[0]
+    if not layerwise:
         return hidden.unsqueeze(1).expand(-1, num_layers, -1, -1)
-    flat = [s for copies in per_layer for s in copies]
-    ids = tokenize(tokenizer, flat).to(device)
-    hidden = text_encoder(ids)[0]
     return hidden.view(len(prompts), num_layers, *hidden.shape[1:])
+
+
+def through_end_token(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Boolean mask of the unpadded prompt: every position up to its first end token."""
+    is_eos = ids == eos_id
+    before = is_eos.cumsum(dim=1) - is_eos.long() == 0  # no end token strictly before
+    return before
 
 
 def tokenize(tokenizer, texts: Sequence[str]) -> torch.Tensor:

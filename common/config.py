@@ -143,6 +143,11 @@ class FusionConfig(_Model):
         description="stage-3 features: the concept's token positions (the paper), those and "
         "the end token (the authors' code), or every position of the concept prompts",
     )
+    text_positions: Literal["all", "prompt"] = Field(
+        "all",
+        description="stage-2 features: every position the text encoder sees, padding "
+        "included, or the unpadded prompt up to its end token (the authors' code)",
+    )
     text_prompts: tuple[str, ...] = Field(
         ("photo of a {}", "{}"), description="stage-2 prompts ({} is the concept)"
     )

@@ -290,12 +290,18 @@ class FusionEngine:
         return groups
 
     def recorder(
-        self, part: str, groups: int = 1, reduce: dict[str, torch.Tensor] | None = None
+        self,
+        part: str,
+        groups: int = 1,
+        reduce: dict[str, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> GramRecorder:
         dtype = torch.float64 if self.config.gram_dtype == "float64" else torch.float32
         hooks = {k: g.hook for k, g in self.groups.items() if g.part == part}
         keep_raw = self.config.solver == "lbfgs"
-        return GramRecorder(hooks, dtype=dtype, keep_raw=keep_raw, groups=groups, reduce=reduce)
+        return GramRecorder(
+            hooks, dtype=dtype, keep_raw=keep_raw, groups=groups, reduce=reduce, positions=positions
+        )
 
     @property
     def stage4_samples(self) -> int:
@@ -452,9 +458,7 @@ class FusionEngine:
                 wf_up, wf_down = weight_fusion_factors(ups, downs)
                 baseline_obj += objective_from_stats(wf_up, wf_down, *stats)
         if ran:
-            log.info(
-                "L-BFGS on %d %s layers: %d-%d iterations", len(ran), part, min(ran), max(ran)
-            )
+            log.info("L-BFGS on %d %s layers: %d-%d iterations", len(ran), part, min(ran), max(ran))
         return factors, total_obj, baseline_obj
 
     def fuse(self, progress: bool = True) -> FusionResult:

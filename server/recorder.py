@@ -23,6 +23,7 @@ class GramRecorder:
         keep_raw: bool = False,
         groups: int = 1,
         reduce: dict[str, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> None:
         """``groups > 1``: the batch holds that many models' rows one after the other (equal
         numbers); each gets its own Gram matrix, ``grams[key]`` is then ``[groups, d, d]``.
@@ -31,6 +32,9 @@ class GramRecorder:
         ``grams[key]`` ``[d, d]`` and ``crosses[key][k] = D_k X_k^T X_k`` ``[R, d]`` for the
         given ``reduce[key]`` = ``D`` ``[groups, R, d]`` (the models' stacked LoRA down
         factors): all gradient fusion needs, in ``O(d^2 + groups * R * d)`` memory.
+
+        ``positions``: a boolean ``[batch, tokens]`` mask; of inputs ``[batch, tokens, d]``
+        only the rows it marks are recorded (the text encoder's unpadded prompt positions).
         """
         if reduce is not None:
             groups = next(iter(reduce.values())).shape[0]
@@ -41,6 +45,7 @@ class GramRecorder:
         self.keep_raw = keep_raw
         self.groups = groups
         self.reduce = reduce
+        self.positions = positions
         self.crosses: dict[str, torch.Tensor] = {}
         self.grams: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
@@ -52,6 +57,13 @@ class GramRecorder:
         with torch.no_grad():
             d = x.shape[-1]
             x = x.detach()
+            if self.positions is not None and x.dim() == 3:
+                if x.shape[:2] != self.positions.shape:
+                    raise ValueError(
+                        f"{key}: inputs {tuple(x.shape)} do not match the position mask "
+                        f"{tuple(self.positions.shape)}"
+                    )
+                x = x[self.positions.to(x.device)]
             if self.reduce is not None:
                 xg = x.reshape(self.groups, -1, d).to(self.dtype)
                 down = self.reduce[key].to(x.device, self.dtype)  # [groups, R, d]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..common.attention import cross_attention_layers
-from ..common.concepts import encode_prompts
+from ..common.concepts import encode_prompts, prompt_token_ids, through_end_token
 from ..common.config import FusionConfig
 from ..common.edlora import add_concept_tokens, write_embeddings
 from ..common.package import ConceptPackage
@@ -81,7 +81,9 @@ class SolvedStage:
 
 
 class TextEncoderStage(SolvedStage):
-    """Stage 2: the concept's own text encoder on its prompts (every layer-wise copy)."""
+    """Stage 2: the concept's own text encoder on its prompts (every layer-wise copy); the
+    features are every position, or with ``text_positions`` ``prompt`` those up to the end
+    token (the causal text encoder gives them the same values as an unpadded prompt)."""
 
     name = "text encoder"
     part = "text"
@@ -96,7 +98,12 @@ class TextEncoderStage(SolvedStage):
     ) -> GramRecorder:
         (name,) = names
         engine.apply(engine.concept_factors(name), (self.part,))
-        with engine.recorder(self.part) as rec:
+        positions = None
+        if engine.config.text_positions == "prompt":
+            tok = engine.base.tokenizer
+            ids, _ = prompt_token_ids(tok, engine.prompts_of(name), engine.table, engine.num_layers)
+            positions = through_end_token(ids, tok.eos_token_id)
+        with engine.recorder(self.part, positions=positions) as rec:
             encode_prompts(
                 engine.base.text_encoder,
                 engine.base.tokenizer,

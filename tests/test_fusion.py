@@ -143,7 +143,7 @@ def test_lbfgs_reference_runs_every_iteration_and_keeps_the_best_iterate():
     assert optimum <= objective_dense(run.delta.double(), grams, ups, downs) <= optimum * 1.01
     assert run.loss <= run.first_loss
     # the best iterate, not the last: its loss is the smallest the closure saw
-    x, t = torch.cat(xs), torch.cat([x @ (b @ a).T for x, b, a in zip(xs, ups, downs)])
+    x, t = torch.cat(xs), torch.cat([x @ (b @ a).T for x, b, a in zip(xs, ups, downs, strict=True)])
     mse = float(((x @ run.delta.T - t) ** 2).mean())
     assert mse == pytest.approx(run.loss, rel=1e-4)
 

@@ -77,6 +77,31 @@ def test_text_encoder_stage_records_the_concept_models_layer_inputs():
     torch.testing.assert_close(rec.grams[group.key], x.T @ x)
 
 
+def test_text_encoder_stage_on_prompt_positions_drops_the_padding_only():
+    """``text_positions prompt``: the rows up to each prompt's end token, nothing after; the
+    causal text encoder gives them the values an unpadded prompt gets."""
+    engine = _engine("dog1", text_positions="prompt")
+    rec = TextEncoderStage().record(engine, ["dog1"], None)
+    group = next(g for g in engine.groups.values() if g.part == "text")
+    engine.apply(engine.concept_factors("dog1"), ("text",))
+    tok = engine.base.tokenizer
+    seen: list[torch.Tensor] = []
+    handle = group.hook.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    try:
+        rows = []
+        for prompt in engine.prompts_of("dog1"):
+            for copy in engine.table.expand(prompt, engine.num_layers):
+                ids = tok(copy, return_tensors="pt").input_ids  # unpadded: BOS .. EOS
+                assert int(ids[0, -1]) == tok.eos_token_id
+                engine.base.text_encoder(ids)
+                rows.append(seen.pop().reshape(-1, group.hook.in_features))
+    finally:
+        handle.remove()
+    x = torch.cat(rows).double()
+    assert rec.rows[group.key] == x.shape[0] < 2 * engine.num_layers * tok.model_max_length
+    torch.testing.assert_close(rec.grams[group.key], x.T @ x)
+
+
 def test_key_value_stage_records_text_features_at_the_chosen_positions_per_layer():
     engine = _engine("dog1", kv_positions="concept")
     rec = KeyValueStage().record(engine, ["dog1"], None)
