@@ -47,6 +47,7 @@ class Photo:
     image: Image.Image  # RGB, orientation applied
     caption: str  # with <TOK>
     mask: Image.Image | None = None  # L, same size as image
+    captioned: bool = False  # the caption came from a file beside the photo
 
 
 def _open_checked(path: Path, max_pixels: int) -> Image.Image:
@@ -159,7 +160,9 @@ def _read_one(path: Path, default_caption: str, max_pixels: int) -> Photo:
                 f"mask {mask_path.name} is {mask.size[0]}x{mask.size[1]}, "
                 f"the image is {image.size[0]}x{image.size[1]}"
             )
-    return Photo(path=path, image=image, caption=caption, mask=mask)
+    return Photo(
+        path=path, image=image, caption=caption, mask=mask, captioned=caption_path.is_file()
+    )
 
 
 def _resize_crop(img: Image.Image, resolution: int, resample: int) -> Image.Image:
@@ -183,3 +186,112 @@ def photo_tensors(photo: Photo, resolution: int) -> tuple[torch.Tensor, torch.Te
     m = _resize_crop(photo.mask, resolution, Image.Resampling.BILINEAR)
     mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None]
     return x.contiguous(), mask
+
+
+# --- the authors' augmentations and caption templates (TrainConfig.augment, caption_templates)
+
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}",
+    "a photo of my {}", "a photo of the cool {}", "a close-up photo of a {}",
+    "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}",
+    "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+)  # fmt: skip
+HUMAN_TEMPLATES = (
+    "a photo of a {}", "a photo of one {}", "a photo of the {}", "the photo of a {}",
+    "a rendering of a {}", "a rendition of the {}", "a rendition of a {}",
+    "a cropped photo of the {}", "a cropped photo of a {}", "a bad photo of the {}",
+    "a bad photo of a {}", "a photo of a weird {}", "a weird photo of a {}",
+    "a bright photo of the {}", "a good photo of the {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of a cool {}", "a bright photo of the {}",
+)  # fmt: skip
+TEMPLATES = {"object": OBJECT_TEMPLATES, "human": HUMAN_TEMPLATES}
+
+
+def _draw(gen: torch.Generator, high: int) -> int:
+    """A uniform integer in ``[0, high)`` from ``gen``."""
+    return int(torch.randint(high, (1,), generator=gen))
+
+
+def templated_caption(photo: Photo, templates: str, gen: torch.Generator) -> str:
+    """A caption as the authors build it each step: the photo's caption file (a tag list such
+    as ``"<TOK>, smiling, on a beach"``; without one just ``<TOK>``) with its tags after the
+    first shuffled, put into a random template of ``templates`` (``object`` or ``human``)."""
+    tags = [t.strip() for t in (photo.caption if photo.captioned else PLACEHOLDER).split(",")]
+    rest = [tags[1 + i] for i in torch.randperm(len(tags) - 1, generator=gen).tolist()]
+    choices = TEMPLATES[templates]
+    return choices[_draw(gen, len(choices))].format(", ".join(tags[:1] + rest))
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def _mask_tensor(mask: Image.Image | None, size: tuple[int, int]) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(1, size[1], size[0])
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
+def crop_view(
+    photo: Photo, resolution: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The authors' object augmentation: the shorter side resized to ``resolution``, then a
+    random ``resolution`` square crop. Returns image ``[3, R, R]`` in [-1, 1], subject mask
+    ``[1, R, R]`` (ones without one) and the image area (all ones here)."""
+    w, h = photo.image.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    left, top = _draw(gen, nw - resolution + 1), _draw(gen, nh - resolution + 1)
+    box = (left, top, left + resolution, top + resolution)
+    img = photo.image.resize((nw, nh), Image.Resampling.BICUBIC).crop(box)
+    mask = None
+    if photo.mask is not None:
+        mask = photo.mask.resize((nw, nh), Image.Resampling.BILINEAR).crop(box)
+    area = torch.ones(1, resolution, resolution)
+    return _to_tensor(img), _mask_tensor(mask, img.size), area
+
+
+def canvas_view(
+    photo: Photo,
+    resolution: int,
+    gen: torch.Generator,
+    crop_p: float = 0.5,
+    scale: tuple[float, float] = (1.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The authors' subject augmentation: with probability ``crop_p`` a random crop (a tall
+    photo keeps its top, cut to a random height between its width and its height; a wide
+    one a random square of its height), then the long edge resized to ``resolution`` times
+    a factor drawn from ``scale`` and the photo placed at a random position on a black
+    ``resolution`` canvas. The returned image area (``[1, R, R]``, ones on the photo) is
+    where the loss counts."""
+    img, mask = photo.image, photo.mask
+    w, h = img.size
+    if float(torch.rand(1, generator=gen)) < crop_p:
+        if h > w:
+            box = (0, 0, w, w + _draw(gen, h - w + 1))
+        else:
+            left = _draw(gen, w - h + 1)
+            box = (left, 0, left + h, h)
+        img = img.crop(box)
+        mask = mask.crop(box) if mask is not None else None
+    w, h = img.size
+    lo, hi = scale
+    long_edge = resolution * (lo + (hi - lo) * float(torch.rand(1, generator=gen)))
+    f = long_edge / max(w, h)
+    nw, nh = max(1, min(resolution, round(w * f))), max(1, min(resolution, round(h * f)))
+    left, top = _draw(gen, resolution - nw + 1), _draw(gen, resolution - nh + 1)
+    canvas = Image.new("RGB", (resolution, resolution))
+    canvas.paste(img.resize((nw, nh), Image.Resampling.BICUBIC), (left, top))
+    full_mask = torch.ones(1, resolution, resolution)
+    if mask is not None:
+        m = Image.new("L", (resolution, resolution))
+        m.paste(mask.resize((nw, nh), Image.Resampling.BILINEAR), (left, top))
+        full_mask = _mask_tensor(m, m.size)
+    area = torch.zeros(1, resolution, resolution)
+    area[:, top : top + nh, left : left + nw] = 1.0
+    return _to_tensor(canvas), full_mask * area, area

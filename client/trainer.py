@@ -23,7 +23,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,9 +35,9 @@ from ..common.base import BaseModel, BaseModelError, denoising_target
 from ..common.concepts import Concept, ConceptTable, encode_prompts, tokenize
 from ..common.config import TrainConfig
 from ..common.edlora import add_concept_tokens, initial_embeddings, trainable_rows
-from ..common.lora import UNET_CONV_TARGETS, inject_lora, lora_state_dict
+from ..common.lora import UNET_CONV_TARGETS, LoRALayer, inject_lora, lora_state_dict
 from ..common.package import ConceptPackage
-from .data import PLACEHOLDER, Photo, photo_tensors
+from .data import PLACEHOLDER, Photo, canvas_view, crop_view, photo_tensors, templated_caption
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,15 @@ def masked_mse(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1e-8)
 
 
-def _word_map(probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A word's attention map ``[B, pixels]`` (mean over its positions), divided by its max."""
+def _word_attention(probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A word's attention map ``[B, pixels]``: the mean over its positions."""
     weights = positions.float() / positions.float().sum(dim=1, keepdim=True).clamp(min=1)
-    a = torch.einsum("bpt,bt->bp", probs.float(), weights)
+    return torch.einsum("bpt,bt->bp", probs.float(), weights)
+
+
+def _word_map(probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A word's attention map ``[B, pixels]`` divided by each sample's maximum."""
+    a = _word_attention(probs, positions)
     return a / a.amax(dim=1, keepdim=True).clamp(min=1e-8)
 
 
@@ -151,6 +156,36 @@ def attention_regularisation(
         a1, a2 = _word_map(probs, pos_first), _word_map(probs, pos_second)
         losses.append(((a2 - m) ** 2).mean() + ((a1 * (1 - m)) ** 2).mean())
     return torch.stack(losses).mean()
+
+
+def attention_regularisation_authors(
+    maps: dict[int, torch.Tensor],
+    masks: torch.Tensor,
+    pos_first: torch.Tensor,
+    pos_second: torch.Tensor,
+    full_identity: bool = False,
+) -> torch.Tensor:
+    """The authors' form: the layers' maps are averaged per resolution; each word's map is
+    divided by its maximum over the batch; per resolution the loss is the first word's mean
+    attention off the mask plus the second word's (``full_identity``: the second word's
+    mean squared error to the mask), summed over resolutions. A resolution whose mask has
+    no background pixel adds nothing."""
+    by_size: dict[int, list[torch.Tensor]] = {}
+    for probs in maps.values():
+        by_size.setdefault(probs.shape[1], []).append(probs.float())
+    total = masks.new_zeros(())
+    for pixels, group in by_size.items():
+        probs = torch.stack(group).mean(0)
+        h = int(round(math.sqrt(pixels)))
+        m = F.interpolate(masks, size=(h, pixels // h), mode="nearest").flatten(1)
+        background = m < 0.5
+        if not bool(background.any()):
+            continue
+        a1, a2 = (_word_attention(probs, p) for p in (pos_first, pos_second))
+        a1, a2 = a1 / a1.max().clamp(min=1e-8), a2 / a2.max().clamp(min=1e-8)
+        subject = ((a2 - m) ** 2).mean() if full_identity else a2[background].mean()
+        total = total + subject + a1[background].mean()
+    return total
 
 
 @contextlib.contextmanager
@@ -195,6 +230,11 @@ class TrainingData:
     caption_ids: torch.Tensor  # [N, copies, 77]
     word_ids: list[torch.Tensor]  # [copies] ids of the first and the last word
     copies: int  # layer-wise copies of each caption (1 for vanilla LoRA)
+    # for the per-step augmentations and caption templates
+    photos: list[Photo] = field(default_factory=list)
+    resolution: int = 0
+    phrase: str = ""  # the concept as written in captions
+    concepts: ConceptTable | None = None
 
     @property
     def use_masks(self) -> bool:
@@ -208,6 +248,7 @@ class Adapters:
     text_prefix: str
     text_params: list[torch.nn.Parameter]
     unet_params: list[torch.nn.Parameter]
+    kv_layers: list[LoRALayer] = field(default_factory=list)  # attn2 to_k / to_v
 
 
 def prepare_data(
@@ -221,15 +262,24 @@ def prepare_data(
     """Encode every photo (and its mirror, when flips can be drawn) once, and every caption
     once per layer copy."""
     device = base.device
-    views = 2 if config.flip_p > 0 else 1  # the mirrored copies are index 1
+    # with augmentations every step draws new views, encoded then: nothing to encode here
+    views = 0 if config.augment != "none" else 2 if config.flip_p > 0 else 1  # mirrors: 1
     pixels, masks, has_mask = [], [], []
     for p in photos:
+        has_mask.append(p.mask is not None)
+        if not views:
+            continue
         x, m = photo_tensors(p, resolution)
         mask = m if m is not None else torch.ones(1, resolution, resolution)
         pixels += [x, x.flip(-1)][:views]
         masks += [mask, mask.flip(-1)][:views]
-        has_mask.append(m is not None)
-    lat_mean, lat_std = _encode_latents(base, torch.stack(pixels))
+    if views:
+        lat_mean, lat_std = _encode_latents(base, torch.stack(pixels))
+        lat_mean = lat_mean.view(len(photos), views, *lat_mean.shape[1:])
+        lat_std = lat_std.view(len(photos), views, *lat_std.shape[1:])
+        mask_views = torch.stack(masks).view(len(photos), views, 1, resolution, resolution)
+    else:
+        lat_mean = lat_std = mask_views = torch.empty(0)
     copies = base.num_cross_attention_layers if concept.layerwise else 1
     captions = [p.caption.replace(PLACEHOLDER, concept.phrase()) for p in photos]
     caption_ids = torch.stack(
@@ -245,13 +295,17 @@ def prepare_data(
         for w in (0, len(concept.words) - 1)
     ]
     return TrainingData(
-        lat_mean=lat_mean.view(len(photos), views, *lat_mean.shape[1:]),
-        lat_std=lat_std.view(len(photos), views, *lat_std.shape[1:]),
-        masks=torch.stack(masks).view(len(photos), views, 1, resolution, resolution).to(device),
+        lat_mean=lat_mean,
+        lat_std=lat_std,
+        masks=mask_views.to(device),
         has_mask=torch.tensor(has_mask, device=device),
         caption_ids=caption_ids,
         word_ids=word_ids,
         copies=copies,
+        photos=list(photos),
+        resolution=resolution,
+        phrase=concept.phrase(),
+        concepts=concepts,
     )
 
 
@@ -274,7 +328,12 @@ def inject_adapters(base: BaseModel, config: TrainConfig) -> Adapters:
     def params(layers: dict) -> list[torch.nn.Parameter]:
         return [p for x in layers.values() for p in (x.lora_A.weight, x.lora_B.weight)]
 
-    return Adapters(te_prefix, params(te_layers), params(unet_layers))
+    kv = [
+        layer
+        for name, layer in unet_layers.items()
+        if ".attn2." in f".{name}" and name.endswith(("to_k", "to_v"))
+    ]
+    return Adapters(te_prefix, params(te_layers), params(unet_layers), kv)
 
 
 def make_optimizer(
@@ -303,15 +362,33 @@ def step_loss(
     gen: torch.Generator,
     amp: torch.dtype | None,
     recorder: AttentionMapRecorder | None,
+    kv_layers: Sequence[LoRALayer] = (),
 ) -> torch.Tensor:
-    """One batch: draw photos, flips, latents, noise and timesteps from ``gen`` (in this
-    order), and return the denoising loss (with the mask and the attention regulariser)."""
+    """One batch: draw photos, flips, (augmented views,) latents, noise and timesteps, (then
+    captions and the k/v LoRA branches dropped) from ``gen`` in this order, and return the
+    denoising loss (with the mask, the photo area and the attention regulariser)."""
     device = base.device
-    n = data.lat_mean.shape[0]
+    n = len(data.has_mask)
     idx = torch.randint(n, (config.batch_size,), generator=gen)
     flip = (torch.rand(config.batch_size, generator=gen) < config.flip_p).long()
-    mean, std = data.lat_mean[idx, flip], data.lat_std[idx, flip]
-    latents = mean + std * torch.randn(mean.shape, generator=gen).to(device)
+    area = None
+    if config.augment == "none":
+        mean, std = data.lat_mean[idx, flip], data.lat_std[idx, flip]
+        m = data.masks[idx.to(device), flip.to(device)]
+    else:
+        views = [
+            canvas_view(data.photos[i], data.resolution, gen, scale=(config.canvas_scale, 1.0))
+            if config.augment == "canvas"
+            else crop_view(data.photos[i], data.resolution, gen)
+            for i in idx.tolist()
+        ]
+        x, m, a = (torch.stack(t) for t in zip(*views, strict=True))
+        x, m, a = (torch.where(flip[:, None, None, None].bool(), t.flip(-1), t) for t in (x, m, a))
+        mean, std = _encode_latents(base, x)
+        m = m.to(device)
+        area = a.to(device) if config.augment == "canvas" else None
+    latents = mean + std * torch.randn(mean.shape, generator=gen).to(mean.device)
+    latents = latents.to(device)
     noise = torch.randn(mean.shape, generator=gen)
     if config.noise_offset:
         noise += config.noise_offset * torch.randn((*mean.shape[:2], 1, 1), generator=gen)
@@ -321,6 +398,21 @@ def step_loss(
     noisy = base.noise_scheduler.add_noise(latents, noise, t)
     target = denoising_target(base.noise_scheduler, latents, noise, t)
     batch_ids = data.caption_ids[idx.to(device)]
+    if config.caption_templates != "none":
+        assert data.concepts is not None
+        captions = [
+            templated_caption(data.photos[i], config.caption_templates, gen).replace(
+                PLACEHOLDER, data.phrase
+            )
+            for i in idx.tolist()
+        ]
+        batch_ids = torch.stack(
+            [tokenize(base.tokenizer, data.concepts.expand(c, data.copies)) for c in captions]
+        ).to(device)
+    if kv_layers and config.kv_dropout_mode == "lora" and config.kv_dropout > 0:
+        off = torch.rand(len(kv_layers), generator=gen) < config.kv_dropout
+        for layer, dropped in zip(kv_layers, off.tolist(), strict=True):
+            layer.scale = 0.0 if dropped else 1.0
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         hidden = base.text_encoder(batch_ids.flatten(0, 1))[0]
         hidden = hidden.view(config.batch_size, data.copies, *hidden.shape[1:])
@@ -330,8 +422,11 @@ def step_loss(
             recorder.clear()
         pred = base.unet(noisy, t, encoder_hidden_states=hidden).sample
     err = (pred.float() - target.float()) ** 2
-    m = data.masks[idx.to(device), flip.to(device)]
-    loss = masked_mse(err, m) if data.use_masks and config.mask_loss else err.mean()
+    subject_loss = data.use_masks and config.mask_loss
+    if area is not None:  # the canvas: the loss counts on the photo only (and its mask)
+        loss = masked_mse(err, m if subject_loss else area)
+    else:
+        loss = masked_mse(err, m) if subject_loss else err.mean()
     if recorder is not None:
         sel = data.has_mask[idx.to(device)]
         if bool(sel.any()):
@@ -339,9 +434,12 @@ def step_loss(
             pos1 = torch.isin(b_ids, data.word_ids[0])
             pos2 = torch.isin(b_ids, data.word_ids[1])
             maps = {i: a[sel] for i, a in recorder.maps.items()}
-            loss = loss + config.attention_reg_weight * attention_regularisation(
-                maps, m[sel], pos1[sel], pos2[sel]
-            )
+            if config.attention_reg_form == "squared":
+                reg = attention_regularisation(maps, m[sel], pos1[sel], pos2[sel])
+            else:
+                full = config.attention_reg_form == "full-identity"
+                reg = attention_regularisation_authors(maps, m[sel], pos1[sel], pos2[sel], full)
+            loss = loss + config.attention_reg_weight * reg
     return loss
 
 
@@ -418,7 +516,11 @@ def _train(
     try:
         with (
             trainable_rows(base.text_encoder, ids) as rows,
-            layerwise_cross_attention(base.unet, config.kv_dropout, recorder),
+            layerwise_cross_attention(
+                base.unet,
+                config.kv_dropout if config.kv_dropout_mode == "features" else 0.0,
+                recorder,
+            ),
         ):
             with torch.no_grad():
                 rows.rows.copy_(embeddings0.reshape(len(ids), -1))
@@ -431,7 +533,7 @@ def _train(
             )
             log_every = max(1, config.steps // 10)
             for step in bar:
-                loss = step_loss(base, data, config, gen, amp, recorder)
+                loss = step_loss(base, data, config, gen, amp, recorder, adapters.kv_layers)
                 _backward_and_step(loss, optimizer, schedule, scaler)
                 value = float(loss.detach())
                 if not math.isfinite(value):
@@ -463,6 +565,8 @@ def _train(
             base.text_encoder.gradient_checkpointing_disable()
         for param in adapters.text_params + adapters.unet_params:
             param.requires_grad_(False)
+        for layer in adapters.kv_layers:
+            layer.scale = 1.0
     seconds = time.perf_counter() - start
     embeddings = trained.view(len(concept.words), data.copies, -1).float().cpu()
     tail = losses[-max(1, len(losses) // 10) :]

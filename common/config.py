@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel as _Model
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 
 class TrainConfig(_Model):
@@ -52,12 +52,43 @@ class TrainConfig(_Model):
     kv_dropout: float = Field(
         0.0,
         ge=0,
-        lt=1,
+        le=1,
         description="dropout on cross-attention key/value text input (0.2 for objects)",
+    )
+    kv_dropout_mode: Literal["features", "lora"] = Field(
+        "features",
+        description="what kv_dropout drops: elements of the cross-attention key/value text "
+        "input, or (the authors') each attn2 to_k/to_v LoRA branch, off for a whole step with "
+        "probability kv_dropout",
+    )
+    augment: Literal["none", "canvas", "crop"] = Field(
+        "none",
+        description="per-step augmentation: none (a fixed centre crop); canvas (the authors' "
+        "subjects: random crop, then placed at a random position and scale on a black canvas, "
+        "loss only on the photo); crop (the authors' objects: a random crop)",
+    )
+    canvas_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="with augment canvas: the long edge is drawn between this fraction of the "
+        "resolution and all of it (authors: 1.0 for people, 0.5 for objects)",
+    )
+    caption_templates: Literal["none", "object", "human"] = Field(
+        "none",
+        description="each step, a photo's caption (its tag list, or <TOK>) is shuffled after "
+        "its first tag and put into a random template of this kind, as the authors do",
     )
     mask_loss: bool = Field(True, description="with masks: the loss counts only inside the mask")
     attention_reg_weight: float = Field(
         0.01, ge=0, description="with masks: weight of the cross-attention regularisation"
+    )
+    attention_reg_form: Literal["squared", "linear", "full-identity"] = Field(
+        "squared",
+        description="the attention regularisation: squared (per layer, second word to the "
+        "mask, first word squared off it); linear (the authors': per resolution, both words' "
+        "mean attention off the mask); full-identity (the authors' other form: the second "
+        "word's squared error to the mask)",
     )
     flip_p: float = Field(
         0.5,
@@ -80,6 +111,15 @@ class TrainConfig(_Model):
         if v % 8:
             raise ValueError(f"resolution {v} must be a multiple of 8")
         return v
+
+    @model_validator(mode="after")
+    def _kv_dropout_below_one_on_features(self) -> TrainConfig:
+        if self.kv_dropout_mode == "features" and self.kv_dropout >= 1:
+            raise ValueError(
+                "kv_dropout 1 drops all the text input: it must be below 1 "
+                "(or use kv_dropout_mode lora)"
+            )
+        return self
 
 
 CONV_SAMPLES = 8  # stage-4 images per concept by default once convolutions are fused

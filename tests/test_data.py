@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mos.client.data import (
@@ -108,3 +111,59 @@ def test_empty_or_missing_folder(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"x")
     _, message = _problems(tmp_path, skip_bad=True)
     assert "no usable photos" in message
+
+
+def _photo(w: int, h: int, caption: str = "", mask: bool = False):
+    from PIL import Image
+
+    from mos.client.data import Photo
+
+    img = Image.new("RGB", (w, h), (250, 10, 10))
+    m = Image.new("L", (w, h), 255) if mask else None
+    return Photo(Path("x.png"), img, caption or "a photo of a <TOK>", m, captioned=bool(caption))
+
+
+def test_canvas_view_places_the_photo_and_marks_its_area():
+    from mos.client.data import canvas_view
+
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(seed)
+        x, mask, area = canvas_view(_photo(30, 60, mask=True), 32, gen, scale=(0.5, 1.0))
+        assert x.shape == (3, 32, 32) and area.shape == mask.shape == (1, 32, 32)
+        inside = area[0] > 0
+        assert 0 < int(inside.sum()) < 32 * 32  # a tall photo never fills the square canvas
+        assert torch.all(x[:, ~inside] == -1.0)  # black canvas outside the photo
+        assert float(x[0][inside].mean()) > 0.8  # the red photo inside
+        assert torch.equal(mask, area)  # an all-subject mask, cut to the photo
+        rows = inside.any(dim=1).nonzero()
+        assert int(rows.max() - rows.min()) + 1 >= 16  # long edge at least half the canvas
+
+
+def test_crop_view_takes_a_random_full_square():
+    from mos.client.data import crop_view
+
+    photo = _photo(64, 32)
+    photo.image.paste((0, 0, 250), (0, 0, 32, 32))  # left half blue
+    blues = set()
+    for seed in range(8):
+        x, mask, area = crop_view(photo, 16, torch.Generator().manual_seed(seed))
+        assert x.shape == (3, 16, 16) and bool(area.all()) and bool(mask.all())
+        blues.add(round(float((x[2] > 0).float().mean()), 2))
+    assert len(blues) > 2  # the crop's position varies with the draw
+
+
+def test_templated_caption_keeps_the_first_tag_and_shuffles_the_rest():
+    from mos.client.data import HUMAN_TEMPLATES, OBJECT_TEMPLATES, templated_caption
+
+    photo = _photo(8, 8, caption="<TOK>, smiling, on a beach, at night")
+    seen = set()
+    for seed in range(20):
+        text = templated_caption(photo, "human", torch.Generator().manual_seed(seed))
+        prefix = max((t[:-2] for t in HUMAN_TEMPLATES if text.startswith(t[:-2])), key=len)
+        rest = text[len(prefix) :]
+        tags = rest.split(", ")
+        assert tags[0] == "<TOK>" and sorted(tags[1:]) == ["at night", "on a beach", "smiling"]
+        seen.add(text)
+    assert len(seen) > 5
+    uncaptioned = templated_caption(_photo(8, 8), "object", torch.Generator().manual_seed(0))
+    assert uncaptioned in {t.format("<TOK>") for t in OBJECT_TEMPLATES}

@@ -222,3 +222,75 @@ def test_same_seed_same_package_and_checkpointing_changes_nothing(photo_dir):
     assert all(torch.allclose(a.lora[k], b.lora[k], atol=1e-6) for k in a.lora)
     c = run(seed=1)
     assert not torch.equal(a.embeddings, c.embeddings)
+
+
+def test_authors_attention_regularisation_against_brute_force():
+    """Per resolution the layers' maps are averaged, each word's map divided by its maximum
+    over the batch; linear: both words' mean off the mask; full identity: the second
+    word's squared error to the mask; summed over resolutions."""
+    from mos.client.trainer import attention_regularisation_authors
+
+    g = torch.Generator().manual_seed(1)
+    maps = {i: torch.rand(2, n, 5, generator=g).softmax(-1) for i, n in enumerate((16, 16, 4))}
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[..., 1:3, 1:3] = 1
+    pos1 = torch.zeros(2, 5, dtype=torch.bool)
+    pos2 = torch.zeros(2, 5, dtype=torch.bool)
+    pos1[:, 1], pos2[:, 2] = True, True
+    for full in (False, True):
+        want = 0.0
+        for group, size in (([0, 1], 4), ([2], 2)):
+            probs = torch.stack([maps[i] for i in group]).mean(0)
+            a1, a2 = probs[..., 1], probs[..., 2]
+            a1, a2 = a1 / a1.max(), a2 / a2.max()
+            m = torch.nn.functional.interpolate(mask, size=(size, size)).flatten(1)
+            bg = m == 0
+            subject = ((a2 - m) ** 2).mean() if full else a2[bg].mean()
+            want += float(subject + a1[bg].mean())
+        got = attention_regularisation_authors(maps, mask, pos1, pos2, full_identity=full)
+        assert float(got) == pytest.approx(want, rel=1e-5)
+    # no background at a resolution: it adds nothing (the authors skip a NaN)
+    full_mask = torch.ones(2, 1, 4, 4)
+    assert float(attention_regularisation_authors(maps, full_mask, pos1, pos2)) == 0.0
+
+
+def test_kv_drop_on_the_lora_branch_switches_attn2_kv_adapters_off_per_step(photo_dir):
+    """``kv_dropout_mode lora`` (the authors'): with p = 1 the attn2 to_k/to_v LoRA branches
+    never run, so their up factors stay at their zero start while every other adapter
+    trains; with p = 0 they train too. After training every branch is on again."""
+    photos = load_photo_folder(photo_dir)
+
+    def run(p: float):
+        base = build_tiny()
+        config = TrainConfig(steps=3, kv_dropout=p, kv_dropout_mode="lora")
+        package = train_concept(base, photos, "dog1", "dog", config, progress=False).package
+        layers = [m for m in base.unet.modules() if isinstance(m, LoRALinear)]
+        assert layers and all(m.scale == 1.0 for m in layers)
+        return package.lora
+
+    def kv(key: str) -> bool:
+        return ".attn2." in key and (".to_k." in key or ".to_v." in key)
+
+    dropped, kept = run(1.0), run(0.0)
+    ups = [k for k in dropped if k.startswith("unet") and k.endswith("lora_B.weight")]
+    assert any(kv(k) for k in ups) and any(not kv(k) for k in ups)
+    for k in ups:
+        assert bool(dropped[k].abs().sum() == 0) == kv(k)
+        assert float(kept[k].abs().sum()) > 0
+
+
+def test_augmented_recipe_is_deterministic_and_differs_from_the_fixed_crop(tmp_path):
+    from tests.conftest import make_photos
+
+    photos = load_photo_folder(make_photos(tmp_path / "p", count=3, size=40))
+
+    def run(**kw):
+        config = TrainConfig(steps=3, **kw)
+        return train_concept(build_tiny(), photos, "dog1", "dog", config, progress=False)
+
+    paper = dict(augment="canvas", canvas_scale=0.5, caption_templates="human", flip_p=0.0)
+    a, b, plain = run(**paper), run(**paper), run(flip_p=0.0)
+    assert a.losses == b.losses
+    assert all(torch.equal(a.package.lora[k], b.package.lora[k]) for k in a.package.lora)
+    assert a.losses != plain.losses
+    assert run(augment="crop", caption_templates="object").losses != plain.losses
