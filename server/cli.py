@@ -46,12 +46,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights", type=float, nargs="+", help="weight-fusion weights (default 1/n each)"
     )
+    for option, part in (("--unet-alpha", "UNet"), ("--text-encoder-alpha", "text-encoder")):
+        p.add_argument(
+            option,
+            nargs="+",
+            default=[],
+            metavar="TOKEN=ALPHA",
+            help=f"scale a concept's {part} LoRA before fusion, e.g. '<dog1>=0.8' (default 1)",
+        )
     fusion = p.add_argument_group("fusion")
     fusion.add_argument("--preset", help="a named set of fusion settings beneath the options given")
     add_options(fusion, FusionConfig)
     p.add_argument("--no-grid", action="store_true", help="skip the sample grid of the report")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     return p
+
+
+def parse_alphas(
+    text: list[str], unet: list[str], engine: FusionEngine
+) -> dict[str, tuple[float, float]]:
+    """``{concept name: (text alpha, UNet alpha)}`` from ``TOKEN=ALPHA`` options."""
+    by_token = {engine.packages[n].concept.token: n for n in engine.names}
+    alphas: dict[str, list[float]] = {}
+    for option, values, slot in (("--text-encoder-alpha", text, 0), ("--unet-alpha", unet, 1)):
+        for item in values:
+            token, sep, value = item.rpartition("=")
+            if not sep or not token:
+                raise UsageError(f"{option} {item!r}: write TOKEN=ALPHA, e.g. '<dog1>=0.8'")
+            if token not in by_token:
+                known = ", ".join(by_token)
+                raise UsageError(f"{option} {item!r}: no concept {token} (fusing: {known})")
+            try:
+                alpha = float(value)
+            except ValueError as err:
+                raise UsageError(f"{option} {item!r}: {value!r} is not a number") from err
+            if not 0 <= alpha <= 10:
+                raise UsageError(f"{option} {item!r}: alpha must be between 0 and 10")
+            alphas.setdefault(by_token[token], [1.0, 1.0])[slot] = alpha
+    return {n: (a[0], a[1]) for n, a in alphas.items()}
 
 
 def read_packages(paths: list[Path]) -> list[ConceptPackage]:
@@ -101,6 +133,9 @@ def run(args: argparse.Namespace) -> Path:
     engine = FusionEngine(base, [], config)
     for pkg, source in zip(packages, sources, strict=True):
         engine.add(pkg, source, checked=True)  # checked above, each named by its file
+    alphas = parse_alphas(args.text_encoder_alpha, args.unet_alpha, engine)
+    for name, (text, unet) in alphas.items():
+        engine.set_alpha(name, text, unet)
     log.info(
         "fusing %d concepts on %s (%s, %s solver)",
         len(packages),
@@ -122,6 +157,7 @@ def run(args: argparse.Namespace) -> Path:
     report.update(
         strategy=server.strategy,
         config=config.model_dump(),
+        alphas={engine.packages[n].concept.token: a for n, a in alphas.items()},
         timings={
             **({"gradient-fusion": gradient.timings} if gradient else {}),
             "total_fusion_s": fuse_seconds,

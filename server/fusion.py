@@ -129,6 +129,8 @@ class FusionEngine:
         self.table = ConceptTable()
         self.packages: dict[str, ConceptPackage] = {}
         self.sources: dict[str, str] = {}
+        # per concept: (text-encoder alpha, UNet alpha), the authors' per-concept LoRA scales
+        self.alphas: dict[str, tuple[float, float]] = {}
         self.num_layers = base.num_cross_attention_layers
         self.layers: dict[str, LoRALayer] = {}
         self.part_of: dict[str, str] = {}
@@ -203,10 +205,23 @@ class FusionEngine:
         self.packages[name] = package
         self.sources[name] = source
 
+    def set_alpha(self, name: str, text: float = 1.0, unet: float = 1.0) -> None:
+        """Scale concept ``name``'s LoRA before fusion: its text-encoder update by ``text``
+        and its UNet update by ``unet`` (the authors' ``text_encoder_alpha`` /
+        ``unet_alpha``); statistics recorded with other scales are dropped."""
+        if name not in self.packages:
+            known = ", ".join(self.packages[n].concept.token for n in self.names) or "none"
+            raise PackageError(f"alpha for unknown concept {name} (attached: {known})")
+        if self.alphas.get(name, (1.0, 1.0)) != (text, unet):
+            self._cache.pop(name, None)
+            self._raw.pop(name, None)
+        self.alphas[name] = (float(text), float(unet))
+
     def remove(self, name: str) -> None:
         """Forget a concept and its statistics (its tokens stay in the tokenizer, unused)."""
         self.packages.pop(name)
         self.sources.pop(name)
+        self.alphas.pop(name, None)
         self._cache.pop(name, None)
         self._raw.pop(name, None)
 
@@ -251,6 +266,7 @@ class FusionEngine:
         im2col form; a layer the package does not adapt gets a zero rank-1 update)."""
         lora = self.packages[name].lora
         device = self.base.device
+        text_alpha, unet_alpha = self.alphas.get(name, (1.0, 1.0))
         out: Factors = {}
         for key, layer in self.layers.items():
             if f"{key}.lora_A.weight" not in lora:
@@ -260,8 +276,10 @@ class FusionEngine:
                 )
                 continue
             up, down = lora[f"{key}.lora_B.weight"], lora[f"{key}.lora_A.weight"]
+            alpha = text_alpha if self.part_of[key] == "text" else unet_alpha
+            up = up.reshape(up.shape[0], -1).to(device, torch.float32)
             out[key] = (
-                up.reshape(up.shape[0], -1).to(device, torch.float32),
+                up if alpha == 1.0 else alpha * up,
                 down.reshape(down.shape[0], -1).to(device, torch.float32),
             )
         return out

@@ -10,7 +10,7 @@ from mos.client.trainer import train_concept
 from mos.common.base import build_tiny
 from mos.common.config import TrainConfig
 from mos.common.fused import FusedModel, load_fused_folder
-from mos.common.package import ConceptPackage
+from mos.common.package import ConceptPackage, PackageError
 from mos.server.cli import main as fuse_main
 from mos.server.fusion import FusionConfig, FusionEngine
 from mos.server.recorder import GramRecorder
@@ -359,3 +359,40 @@ def test_mos_fuse_with_the_reference_solver_and_weights(concept_files, tmp_path)
     up, down = compact.factors[key]
     want = dog.lora[f"{key}.lora_B.weight"] @ dog.lora[f"{key}.lora_A.weight"]
     assert torch.allclose(up @ down, want, atol=1e-6)  # weights 1, 0: exactly the first concept
+
+
+def test_per_concept_alphas_scale_that_concepts_update_before_fusion():
+    """The authors' ``unet_alpha`` / ``text_encoder_alpha``: one concept fused alone gives
+    its own update; with alphas, that update scaled per part, the other concept untouched."""
+    from tests.conftest import random_package
+
+    base = build_tiny()
+    packages = [random_package(base, "dog1", seed=1), random_package(base, "cat2", seed=2)]
+    engine = FusionEngine(base, packages, FusionConfig(steps=2, resolution=16))
+    plain = engine.concept_factors("dog1")
+    engine.set_alpha("dog1", text=0.25, unet=0.5)
+    scaled, other = engine.concept_factors("dog1"), engine.concept_factors("cat2")
+    assert {engine.part_of[k] for k in plain} == {"text", "kv", "spatial"}
+    for key, (up, down) in plain.items():
+        alpha = 0.25 if engine.part_of[key] == "text" else 0.5
+        torch.testing.assert_close(scaled[key][0] @ scaled[key][1], alpha * (up @ down))
+    cat = FusionEngine(build_tiny(), [packages[1]], FusionConfig()).concept_factors("cat2")
+    assert all(torch.equal(other[k][0], cat[k][0]) for k in cat)
+    with pytest.raises(PackageError, match="unknown concept"):
+        engine.set_alpha("cow3", 1.0, 1.0)
+
+
+def test_mos_fuse_alpha_options_name_what_is_wrong():
+    from mos.common.cli import UsageError
+    from mos.server.cli import parse_alphas
+
+    class Engine:
+        names = ["dog1"]
+        packages = {"dog1": type("P", (), {"concept": type("C", (), {"token": "<dog1>"})})}
+
+    assert parse_alphas(["<dog1>=0.7"], ["<dog1>=0.8"], Engine()) == {"dog1": (0.7, 0.8)}
+    assert parse_alphas([], ["<dog1>=0.8"], Engine()) == {"dog1": (1.0, 0.8)}
+    for bad, why in (("<cat2>=1", "no concept <cat2>"), ("0.5", "TOKEN=ALPHA"),
+                     ("<dog1>=x", "not a number"), ("<dog1>=-1", "between 0 and 10")):  # fmt: skip
+        with pytest.raises(UsageError, match=why):
+            parse_alphas([], [bad], Engine())

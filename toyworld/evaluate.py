@@ -33,7 +33,7 @@ from mos.common.config import TrainConfig
 from mos.common.fused import FusedModel
 from mos.common.package import ConceptPackage
 from mos.common.pipeline import MixOfShowPipeline
-from mos.common.presets import Preset
+from mos.common.presets import PAPER_FUSION, PAPER_TRAINING, Preset
 from mos.common.regions import Box, Region
 
 from .analyse import ConceptDetector
@@ -97,6 +97,16 @@ def toy_preset() -> Preset:
     return Preset(
         description="ED-LoRA on the toy base: 10x SD's learning rates, no flips",
         train=TOY_TRAINING,
+    )
+
+
+def toy_paper_preset() -> Preset:
+    """``--preset toy-paper``: the authors' recipe and fusion (``--preset paper``) with the
+    toy base's learning rates and the toy preset's length."""
+    return Preset(
+        description="the paper preset with the toy base's learning rates",
+        train={**PAPER_TRAINING, **TOY_TRAINING, "batch_size": PAPER_TRAINING["batch_size"]},
+        fusion=PAPER_FUSION,
     )
 
 

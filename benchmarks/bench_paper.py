@@ -1,0 +1,211 @@
+"""The paper preset against the project's defaults on the trained toy model, one command.
+
+    python benchmarks/bench_paper.py                          # 3 toy concepts, ~15 min, 2 cores
+    python benchmarks/bench_paper.py --concepts checker house --samples 4   # smoke
+
+For the concepts (toy world, photos made by ``toyworld``):
+
+1. tuning: each concept is tuned with ``--preset toy`` (the project's recipe on the toy
+   base) and ``--preset toy-paper`` (the authors' recipe, same learning rates and length);
+   identity (detector score and detection rate of "a photo of a <TOK>" samples) of each
+   single-concept model;
+2. fusion variants on the same packages: the project's defaults, ``paper`` (the authors'
+   fusion), and ``paper`` with one of its settings at the project's value at a time; for
+   each, the least-squares objective per stage, the mean UNet drift (``mos-fuse``'s report)
+   and the identity of each concept in the fused model;
+3. the solvers: ``paper`` fused with the exact solve and with the authors' L-BFGS
+   (``solver lbfgs``, their iterations, tolerances and best iterate) in one run: objective
+   and wall time per stage;
+4. fusion against plain sampling: the gradient fusion's wall time over the time to sample
+   the same N concept models for the same steps at the same size (the least any method
+   that samples the concepts costs).
+
+Writes ``--out``/paper.json and paper.md (the tables for RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mos.common.config import FusionConfig
+from mos.common.fused import FusedModel
+from mos.common.package import ConceptPackage
+from mos.common.pipeline import MixOfShowPipeline
+from mos.common.presets import NO_PRESET, load_preset
+from mos.server.fusion import FusionEngine
+from mos.server.report import fidelity
+from mos.toyworld.evaluate import (
+    concept_identity,
+    fused_pipeline,
+    single_concept_pipeline,
+    toy_base,
+    tune,
+)
+
+log = logging.getLogger("bench_paper")
+
+# each of the paper fusion's settings, set back to the project's value one at a time
+ABLATIONS = ("text_positions", "kv_positions", "ridge_target")
+
+
+def fusion_variants() -> dict[str, FusionConfig]:
+    paper = load_preset("paper").fusion
+    project = NO_PRESET.fusion_config().model_dump()
+    variants = {"project": FusionConfig(), "paper": FusionConfig(**paper)}
+    for field in ABLATIONS:
+        values = {**paper, field: project[field]}
+        if field == "ridge_target":
+            values["ridge"] = project["ridge"]
+        variants[f"paper, {field} {project[field]}"] = FusionConfig(**values)
+    return variants
+
+
+def tuned(name: str, preset: str, out: Path, steps: int | None) -> ConceptPackage:
+    path = out / f"{preset}-{name}.safetensors"
+    if path.exists():
+        return ConceptPackage.load(path)
+    given = {"steps": steps} if steps else {}
+    package = tune(name, load_preset(preset).train_config(**given))
+    package.save(path)
+    return package
+
+
+def fuse(packages: list[ConceptPackage], config: FusionConfig) -> tuple[FusionEngine, dict]:
+    engine = FusionEngine(toy_base(), packages, config)
+    start = time.perf_counter()
+    result = engine.fuse(progress=False)
+    seconds = time.perf_counter() - start
+    report = fidelity(engine, [result])
+    return engine, {
+        "seconds": seconds,
+        "timings": result.timings,
+        "objective": result.objective,
+        "unet_drift": report["mean"][result.strategy]["unet_drift"],
+        "result": result,
+    }
+
+
+def identities(pipe: MixOfShowPipeline, names: list[str], n: int) -> dict[str, dict]:
+    out = {}
+    for name in names:
+        ident = concept_identity(pipe, name, n)
+        out[name] = {"score": ident.mean_score, "detected": ident.detected}
+    return out
+
+
+@torch.no_grad()
+def plain_sampling_seconds(packages: list[ConceptPackage], config: FusionConfig) -> float:
+    """Sampling each concept's own model for the fusion's stage-4 steps and size."""
+    total = 0.0
+    for package in packages:
+        pipe = single_concept_pipeline(package)
+        size = config.resolution or pipe.base.default_resolution
+        prompt = config.sample_prompt.format(package.concept.token)
+        start = time.perf_counter()
+        pipe([prompt], num_inference_steps=config.steps, guidance_scale=1.0, height=size,
+             width=size, output_type="latent")  # fmt: skip
+        total += time.perf_counter() - start
+    return total
+
+
+def _mean(rows: dict[str, dict], key: str) -> float:
+    return statistics.mean(r[key] for r in rows.values())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concepts", nargs="+", default=["checker", "halfmoon", "house"])
+    p.add_argument("--samples", type=int, default=16, help="samples per concept for identity")
+    p.add_argument("--steps", type=int, help="tuning steps (default: each preset's)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/paper"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = args.concepts
+    results: dict = {"concepts": names, "samples": args.samples, "tuning": {}, "fusion": {}}
+
+    packages = {}
+    for preset in ("toy", "toy-paper"):
+        packages[preset] = [tuned(n, preset, args.out, args.steps) for n in names]
+        single = {
+            pkg.concept.name: concept_identity(
+                single_concept_pipeline(pkg), pkg.concept.name, args.samples
+            )  # fmt: skip
+            for pkg in packages[preset]
+        }
+        results["tuning"][preset] = {
+            n: {"score": i.mean_score, "detected": i.detected} for n, i in single.items()
+        }
+        log.info("%s single: %s", preset, results["tuning"][preset])
+
+    for preset in ("toy", "toy-paper"):
+        for variant, config in fusion_variants().items():
+            engine, row = fuse(packages[preset], config)
+            result = row.pop("result")
+            fused = FusedModel.from_packages(result.strategy, result.factors, packages[preset])
+            row["identity"] = identities(fused_pipeline(fused), names, args.samples)
+            results["fusion"][f"{preset} packages, {variant} fusion"] = row
+            log.info("%s / %s: drift %.3f", preset, variant, row["unet_drift"])
+
+    # solvers, on the paper fusion of the paper packages
+    paper = FusionConfig(**load_preset("paper").fusion)
+    solvers = {}
+    for solver in ("exact", "lbfgs"):
+        _, row = fuse(packages["toy-paper"], paper.model_copy(update={"solver": solver}))
+        row.pop("result")
+        solvers[solver] = row
+    results["solvers"] = solvers
+    plain = plain_sampling_seconds(packages["toy-paper"], paper)
+    results["plain_sampling_s"] = plain
+    (args.out / "paper.json").write_text(json.dumps(results, indent=2, default=float))
+    (args.out / "paper.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"Concepts: {', '.join(r['concepts'])}; identity over {r['samples']} samples each.",
+        "",
+    ]
+    lines += ["| tuning | single-concept identity (score / detected) |", "|---|---|"]
+    for preset, rows in r["tuning"].items():
+        lines.append(f"| {preset} | {_mean(rows, 'score'):.3f} / {_mean(rows, 'detected'):.0%} |")
+    lines += ["", "| packages, fusion | mean UNet drift | fused identity (score / detected) |"]
+    lines += ["|---|---|---|"]
+    for key, row in r["fusion"].items():
+        ident = row["identity"]
+        lines.append(
+            f"| {key} | {row['unet_drift']:.3f} | "
+            f"{_mean(ident, 'score'):.3f} / {_mean(ident, 'detected'):.0%} |"
+        )
+    ex, lb = r["solvers"]["exact"], r["solvers"]["lbfgs"]
+    lines += ["", "| stage | exact objective | L-BFGS objective | gap | exact s | L-BFGS s |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for stage in ("text", "kv", "spatial"):
+        e, b = ex["objective"][stage], lb["objective"][stage]
+        start = ex["objective"][f"{stage} (weight fusion)"]
+        lines.append(
+            f"| {stage} | {e:.6g} | {b:.6g} | {(b - e) / max(e, 1e-300):+.2%} of exact, "
+            f"{(b - e) / start:+.2e} of weight fusion's | {ex['timings'][stage]:.3f} | "
+            f"{lb['timings'][stage]:.3f} |"
+        )
+    lines += [
+        "",
+        f"Gradient fusion (exact) {ex['seconds']:.2f} s, L-BFGS {lb['seconds']:.2f} s "
+        f"({lb['seconds'] / ex['seconds']:.1f}x); sampling the {len(r['concepts'])} concept "
+        f"models alone for the same steps {r['plain_sampling_s']:.2f} s: fusion is "
+        f"{ex['seconds'] / r['plain_sampling_s']:.2f}x plain sampling.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
