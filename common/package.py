@@ -19,7 +19,8 @@ validates against the base it will be attached to.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import cast
@@ -54,6 +55,18 @@ class PackageError(ValueError):
     """A concept package is malformed or does not fit the base; the message says what."""
 
 
+def free_name(name: str, taken: Collection[str]) -> str:
+    """The collision rule: ``name`` if free, else ``name-2``, ``name-3``, ... (the first
+    that is free): two people who both called their dog ``<dog1>`` fuse as ``<dog1>`` (the
+    first to arrive) and ``<dog1-2>``."""
+    if name not in taken:
+        return name
+    k = 2
+    while f"{name}-{k}" in taken:
+        k += 1
+    return f"{name}-{k}"
+
+
 @dataclass
 class ConceptPackage:
     concept: Concept
@@ -65,6 +78,12 @@ class ConceptPackage:
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     conv_rank: int = 0  # rank of the ResNet-convolution adapters (0: none, the paper's ED-LoRA)
+
+    def renamed(self, name: str) -> ConceptPackage:
+        """The same concept under another name (its tokens follow the name; the tensors,
+        and so the digest, are unchanged)."""
+        c = self.concept
+        return replace(self, concept=Concept(name, c.class_word, c.method, c.num_layers))
 
     def metadata(self) -> dict[str, str]:
         c = self.concept

@@ -87,7 +87,8 @@ def parse_alphas(
 
 
 def read_packages(paths: list[Path]) -> list[ConceptPackage]:
-    """Load every package, naming the file of any problem; refuse duplicate concepts."""
+    """Load every package, naming the file of any problem; refuse one package given twice
+    (two packages with the same concept name are fused, the later renamed: ``free_name``)."""
     packages: list[ConceptPackage] = []
     seen: dict[str, Path] = {}
     problems: list[str] = []
@@ -97,11 +98,10 @@ def read_packages(paths: list[Path]) -> list[ConceptPackage]:
         except PackageError as err:
             problems.append(str(err))
             continue
-        name = pkg.concept.name
-        if name in seen:
-            problems.append(f"{path}: concept {pkg.concept.token} is also in {seen[name]}")
+        if pkg.sha256 in seen:
+            problems.append(f"{path}: the same package as {seen[pkg.sha256]}")
             continue
-        seen[name] = path
+        seen[pkg.sha256] = path
         packages.append(pkg)
     if problems:
         raise PackageError("\n  ".join(["refused:", *problems]))
@@ -131,8 +131,9 @@ def run(args: argparse.Namespace) -> Path:
     base.to(device)
     sources = [str(p) for p in args.concepts]
     engine = FusionEngine(base, [], config)
-    for pkg, source in zip(packages, sources, strict=True):
-        engine.add(pkg, source, checked=True)  # checked above, each named by its file
+    for i, (pkg, source) in enumerate(zip(packages, sources, strict=True)):
+        # checked above, each named by its file; a name given twice is renamed (free_name)
+        packages[i] = engine.packages[engine.add(pkg, source, checked=True, rename=True)]
     alphas = parse_alphas(args.text_encoder_alpha, args.unet_alpha, engine)
     for name, (text, unet) in alphas.items():
         engine.set_alpha(name, text, unet)

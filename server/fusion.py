@@ -47,7 +47,7 @@ from ..common.lora import (
     inject_lora,
     target_layer_names,
 )
-from ..common.package import ConceptPackage, PackageError
+from ..common.package import ConceptPackage, PackageError, free_name
 from .recorder import GramRecorder
 from .solve import (
     cross_term,
@@ -187,16 +187,34 @@ class FusionEngine:
 
     # --- concepts ---------------------------------------------------------------------
     def add(
-        self, package: ConceptPackage, source: str | None = None, *, checked: bool = False
-    ) -> None:
+        self,
+        package: ConceptPackage,
+        source: str | None = None,
+        *,
+        checked: bool = False,
+        rename: bool = False,
+    ) -> str:
         """Attach a concept: check it against the base (unless the caller has: ``checked``),
-        add its tokens and embeddings."""
+        add its tokens and embeddings. A name already attached is refused, or with
+        ``rename`` the concept is renamed by ``free_name`` (``<dog1>`` -> ``<dog1-2>``).
+        Returns the name the concept is attached under."""
         name = package.concept.name
         source = source or package.concept.token
         if name in self.packages:
-            raise PackageError(
-                f"{source}: concept {package.concept.token} is already taken by {self.sources[name]}"
+            if not rename:
+                raise PackageError(
+                    f"{source}: concept {package.concept.token} is already taken by "
+                    f"{self.sources[name]}"
+                )
+            package = package.renamed(free_name(name, self.packages))
+            log.warning(
+                "%s: concept <%s> is already taken by %s: renamed %s",
+                source,
+                name,
+                self.sources[name],
+                package.concept.token,
             )
+            name = package.concept.name
         if not checked:
             package.check_against(self.base)
         if package.conv_rank and not self.conv:
@@ -204,6 +222,7 @@ class FusionEngine:
         self.tokens.attach(self, package)  # stage 1: the base knows the concept from now on
         self.packages[name] = package
         self.sources[name] = source
+        return name
 
     def set_alpha(self, name: str, text: float = 1.0, unet: float = 1.0) -> None:
         """Scale concept ``name``'s LoRA before fusion: its text-encoder update by ``text``

@@ -33,7 +33,7 @@ from ..common import federation as fed
 from ..common.base import BaseModel
 from ..common.config import FusionConfig, TrainConfig
 from ..common.fused import FusedModel
-from ..common.package import ConceptPackage, PackageError
+from ..common.package import ConceptPackage, PackageError, free_name
 from ..common.wire import fused_to_records, package_from_records
 from .fusion import FusionEngine, FusionResult
 from .registry import Registry
@@ -66,6 +66,7 @@ class ConceptFusionStrategy(Strategy):
     ) -> None:
         self.base = base
         self.registry = registry
+        self.renamed: list[dict] = []  # the current round's renamings (_unclash)
         self.train_config = train_config
         self.fusion_config = fusion_config
         self.min_clients = min_clients
@@ -210,13 +211,33 @@ class ConceptFusionStrategy(Strategy):
             package.check_against(self.base)
         except PackageError as err:
             raise PackageError(f"{origin}: {err}") from err
+        return self._unclash(package, node, taken)
+
+    def _unclash(self, package: ConceptPackage, node: int, taken: dict[str, int]) -> ConceptPackage:
+        """The collision rule (``free_name``): a name another node sent in this round, or
+        registered from another node with other weights, is renamed ``<name-2>``, ... The
+        same node sending other weights under its registered name is refused later
+        (``Registry.check``)."""
         name = package.concept.name
-        if name in taken:
-            raise PackageError(
-                f"{origin}: concept {package.concept.token} also came from node {taken[name]} "
-                "in this round; both must use distinct names"
-            )
-        return package
+        entry = self.registry.entries.get(name)
+        clash = f"also came from node {taken[name]} in this round" if name in taken else ""
+        if (
+            not clash
+            and entry is not None
+            and entry.node_id not in (node, 0)
+            and entry.sha256 != package.sha256
+        ):
+            clash = f"is registered from {entry.origin or 'another node'}"
+        if not clash:
+            return package
+        renamed = package.renamed(free_name(name, set(taken) | set(self.registry.entries)))
+        log.warning(
+            "node %d: concept <%s> %s: renamed %s", node, name, clash, renamed.concept.token
+        )
+        self.renamed.append(
+            {"node": node, "from": package.concept.token, "to": renamed.concept.token}
+        )
+        return renamed
 
     def _triage(
         self, reply: Message, node: int, taken: dict[str, int]
@@ -247,6 +268,7 @@ class ConceptFusionStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         record: dict = {"round": server_round, "accepted": [], "known": [], "rejected": []}
+        self.renamed = []  # this round's renamings (_unclash)
         seen = {_sender(r, self.sent_train) for r in replies}
         record["missing"] = sorted(set(self.sent_train) - seen)
         for node in record["missing"]:
@@ -274,6 +296,7 @@ class ConceptFusionStrategy(Strategy):
             log.info(
                 "round %d: accepted %s from node %d", server_round, package.concept.token, node
             )
+        record["renamed"] = self.renamed
         metrics: dict[str, float] = {
             "accepted": len(record["accepted"]),
             "rejected": len(record["rejected"]),

@@ -212,14 +212,16 @@ def test_a_round_accepts_good_packages_and_rejects_bad_ones_with_reasons(tmp_pat
     arrays, metrics = s.aggregate_train(1, replies)
     monkeypatch.undo()
     record = s.rounds[-1]
-    assert record["accepted"] == ["dog1"]
+    # the clash is renamed by the documented rule (free_name), not refused
+    assert record["accepted"] == ["dog1", "dog1-2"]
+    assert record["renamed"] == [{"node": 4, "from": "<dog1>", "to": "<dog1-2>"}]
     reasons = {r["node"]: r["reason"] for r in record["rejected"]}
     assert "sha256" in reasons[2] or "NaN" in reasons[2]
     assert "another base model" in reasons[3]
-    assert "also came from node 1" in reasons[4]
+    assert 4 not in reasons
     assert "Node Unavailable" in reasons[5]
     assert record["missing"] == [6]
-    assert metrics["accepted"] == 1 and metrics["rejected"] == 4 and metrics["version"] == 1
+    assert metrics["accepted"] == 2 and metrics["rejected"] == 3 and metrics["version"] == 1
     # the accepted package and v1 are on disk; the fused model goes to every node
     assert (tmp_path / "state/packages/dog1.safetensors").is_file()
     evals = list(s.configure_evaluate(1, arrays, ConfigRecord({"final-round": 1}), grid))
@@ -228,7 +230,13 @@ def test_a_round_accepts_good_packages_and_rejects_bad_ones_with_reasons(tmp_pat
     fused, version = fused_from_records(
         evals[0].content.array_records[fed.FUSED], evals[0].content.config_records[fed.FUSED_META]
     )
-    assert version == 1 and [c.name for c in fused.concepts] == ["dog1"]
+    assert version == 1 and [c.name for c in fused.concepts] == ["dog1", "dog1-2"]
+    # a later round: node 7's own <dog1> clashes with the registered one, node 1's again is known
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(2, None, ConfigRecord(), grid)}
+    for m in msgs.values():
+        m.metadata.__dict__["_message_id"] = m.object_id
+    s.aggregate_train(2, [package_reply(msgs[3], random_package(base, "dog1", seed=7))])
+    assert s.rounds[-1]["accepted"] == ["dog1-3"]
 
 
 def test_not_enough_clients_is_a_clear_error(tmp_path):

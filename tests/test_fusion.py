@@ -396,3 +396,26 @@ def test_mos_fuse_alpha_options_name_what_is_wrong():
                      ("<dog1>=x", "not a number"), ("<dog1>=-1", "between 0 and 10")):  # fmt: skip
         with pytest.raises(UsageError, match=why):
             parse_alphas([], [bad], Engine())
+
+
+def test_a_name_given_twice_is_renamed_by_the_collision_rule():
+    from mos.common.package import free_name
+    from tests.conftest import random_package
+
+    assert free_name("dog1", []) == "dog1"
+    assert free_name("dog1", ["dog1"]) == "dog1-2"
+    assert free_name("dog1", {"dog1", "dog1-2", "dog1-4"}) == "dog1-3"
+    base = build_tiny()
+    first, second = random_package(base, "dog1", seed=1), random_package(base, "dog1", seed=2)
+    engine = FusionEngine(base, [first], FusionConfig(steps=2, resolution=16))
+    with pytest.raises(PackageError, match="already taken"):
+        engine.add(second, "b.safetensors")
+    assert engine.add(second, "b.safetensors", rename=True) == "dog1-2"
+    renamed = engine.packages["dog1-2"]
+    assert renamed.concept.token == "<dog1-2>" and renamed.sha256 == second.sha256
+    assert torch.equal(renamed.embeddings, second.embeddings)
+    # both concepts are in the tokenizer, each with its own embeddings
+    emb = base.text_encoder.get_input_embeddings().weight
+    for pkg in (first, renamed):
+        ids = base.tokenizer.convert_tokens_to_ids(pkg.concept.all_tokens())
+        assert torch.equal(emb[ids].detach(), pkg.embeddings.reshape(len(ids), -1))
