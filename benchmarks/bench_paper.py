@@ -54,6 +54,16 @@ log = logging.getLogger("bench_paper")
 
 # each of the paper fusion's settings, set back to the project's value one at a time
 ABLATIONS = ("text_positions", "kv_positions", "ridge_target")
+# the paper tuning (toy-paper) with one of its settings at the toy preset's value; the
+# attention regularisation's form is inert here (the toy photos have no masks)
+TUNING_ABLATIONS = {
+    "augment none": {"augment": "none"},
+    "caption_templates none": {"caption_templates": "none"},
+    "batch_size 2": {"batch_size": 2},
+    "flip_p 0.5": {"flip_p": 0.5},
+    "kv_dropout 0.2 lora (paper-object)": {"kv_dropout": 0.2, "kv_dropout_mode": "lora"},
+    "kv_dropout 0.2 features": {"kv_dropout": 0.2, "kv_dropout_mode": "features"},
+}
 
 
 def fusion_variants() -> dict[str, FusionConfig]:
@@ -68,26 +78,33 @@ def fusion_variants() -> dict[str, FusionConfig]:
     return variants
 
 
-def tuned(name: str, preset: str, out: Path, steps: int | None) -> ConceptPackage:
-    path = out / f"{preset}-{name}.safetensors"
+def tuned(
+    name: str, preset: str, out: Path, steps: int | None, conv: int, label: str = "", **given
+) -> ConceptPackage:
+    path = out / f"{preset}{label.replace(' ', '_')}-{name}.safetensors"
     if path.exists():
         return ConceptPackage.load(path)
-    given = {"steps": steps} if steps else {}
+    if steps:
+        given["steps"] = steps
+    if conv:
+        given["conv_rank"] = conv
     package = tune(name, load_preset(preset).train_config(**given))
     package.save(path)
     return package
 
 
-def fuse(packages: list[ConceptPackage], config: FusionConfig) -> tuple[FusionEngine, dict]:
+def fuse(
+    packages: list[ConceptPackage], config: FusionConfig, weight: bool = False
+) -> tuple[FusionEngine, dict]:
     engine = FusionEngine(toy_base(), packages, config)
     start = time.perf_counter()
-    result = engine.fuse(progress=False)
+    result = engine.weight_fusion() if weight else engine.fuse(progress=False)
     seconds = time.perf_counter() - start
     report = fidelity(engine, [result])
     return engine, {
         "seconds": seconds,
         "timings": result.timings,
-        "objective": result.objective,
+        "objective": result.objective or {},
         "unet_drift": report["mean"][result.strategy]["unet_drift"],
         "result": result,
     }
@@ -107,13 +124,18 @@ def plain_sampling_seconds(packages: list[ConceptPackage], config: FusionConfig)
     total = 0.0
     for package in packages:
         pipe = single_concept_pipeline(package)
-        size = config.resolution or pipe.base.default_resolution
+        size = config.resolution or toy_base().default_resolution
         prompt = config.sample_prompt.format(package.concept.token)
         start = time.perf_counter()
         pipe([prompt], num_inference_steps=config.steps, guidance_scale=1.0, height=size,
              width=size, output_type="latent")  # fmt: skip
         total += time.perf_counter() - start
     return total
+
+
+def _identity(pipe: MixOfShowPipeline, name: str, n: int) -> dict[str, float]:
+    ident = concept_identity(pipe, name, n)
+    return {"score": ident.mean_score, "detected": ident.detected}
 
 
 def _mean(rows: dict[str, dict], key: str) -> float:
@@ -125,16 +147,57 @@ def main() -> None:
     p.add_argument("--concepts", nargs="+", default=["checker", "halfmoon", "house"])
     p.add_argument("--samples", type=int, default=16, help="samples per concept for identity")
     p.add_argument("--steps", type=int, help="tuning steps (default: each preset's)")
+    p.add_argument("--conv-rank", type=int, default=0, help="tune with LoCon at this rank")
+    p.add_argument(
+        "--tuning-ablations", action="store_true", help="only: the paper tuning, one setting off"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/paper"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.concepts
-    results: dict = {"concepts": names, "samples": args.samples, "tuning": {}, "fusion": {}}
+    results: dict = {
+        "concepts": names,
+        "samples": args.samples,
+        "conv_rank": args.conv_rank,
+        "steps": args.steps,
+        "tuning": {},
+        "fusion": {},
+    }
+
+    if args.tuning_ablations:
+        ablations: dict[str, dict] = {}
+        for label, given in {"toy-paper": {}, **TUNING_ABLATIONS}.items():
+            pkgs = [
+                tuned(
+                    n,
+                    "toy-paper",
+                    args.out,
+                    args.steps,
+                    args.conv_rank,
+                    f"+{label}" if given else "",
+                    **given,
+                )  # fmt: skip
+                for n in names
+            ]
+            ablations[label] = {
+                p.concept.name: _identity(single_concept_pipeline(p), p.concept.name, args.samples)
+                for p in pkgs
+            }
+            log.info("toy-paper with %s: %s", label, ablations[label])
+            (args.out / "tuning.json").write_text(json.dumps(ablations, indent=2))
+        lines = ["| toy-paper tuning | single-concept identity (score / detected) |", "|---|---|"]
+        for label, rows in ablations.items():
+            lines.append(
+                f"| {label} | {_mean(rows, 'score'):.3f} / {_mean(rows, 'detected'):.0%} |"
+            )
+        (args.out / "tuning.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
 
     packages = {}
     for preset in ("toy", "toy-paper"):
-        packages[preset] = [tuned(n, preset, args.out, args.steps) for n in names]
+        packages[preset] = [tuned(n, preset, args.out, args.steps, args.conv_rank) for n in names]
         single = {
             pkg.concept.name: concept_identity(
                 single_concept_pipeline(pkg), pkg.concept.name, args.samples
@@ -147,13 +210,15 @@ def main() -> None:
         log.info("%s single: %s", preset, results["tuning"][preset])
 
     for preset in ("toy", "toy-paper"):
-        for variant, config in fusion_variants().items():
-            engine, row = fuse(packages[preset], config)
+        variants = [(v, c, False) for v, c in fusion_variants().items()]
+        for variant, config, weight in [*variants, ("weight", FusionConfig(), True)]:
+            engine, row = fuse(packages[preset], config, weight)
             result = row.pop("result")
             fused = FusedModel.from_packages(result.strategy, result.factors, packages[preset])
             row["identity"] = identities(fused_pipeline(fused), names, args.samples)
             results["fusion"][f"{preset} packages, {variant} fusion"] = row
             log.info("%s / %s: drift %.3f", preset, variant, row["unet_drift"])
+            (args.out / "paper.json").write_text(json.dumps(results, indent=2, default=float))
 
     # solvers, on the paper fusion of the paper packages
     paper = FusionConfig(**load_preset("paper").fusion)
