@@ -289,7 +289,7 @@ def test_mos_fuse_refuses_bad_packages_before_work(concept_files, tmp_path, caps
         ["--concepts", str(concept_files[0]), str(junk), str(concept_files[0]), "--out", str(out)]
     )
     err = capsys.readouterr().err
-    assert code == 2 and "junk.safetensors" in err and "also in" in err
+    assert code == 2 and "junk.safetensors" in err and "the same package as" in err
     assert not out.exists()
     code = fuse_main(
         ["--concepts", str(concept_files[0]), "--base-model", "tiny:1", "--out", str(out)]
