@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +235,18 @@ def _mask_tensor(mask: Image.Image | None, size: tuple[int, int]) -> torch.Tenso
     if mask is None:
         return torch.ones(1, size[1], size[0])
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
+def shrunk(photo: Photo, resolution: int) -> Photo:
+    """``photo`` with its shorter side brought down to ``resolution`` (never up), the mask
+    alike: what the per-step augmentations start from, so a camera photo is resized once."""
+    w, h = photo.image.size
+    s = resolution / min(w, h)
+    if s >= 1:
+        return photo
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    mask = photo.mask.resize(size, Image.Resampling.BILINEAR) if photo.mask else None
+    return replace(photo, image=photo.image.resize(size, Image.Resampling.BICUBIC), mask=mask)
 
 
 def crop_view(

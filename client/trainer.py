@@ -37,7 +37,15 @@ from ..common.config import TrainConfig
 from ..common.edlora import add_concept_tokens, initial_embeddings, trainable_rows
 from ..common.lora import UNET_CONV_TARGETS, LoRALayer, inject_lora, lora_state_dict
 from ..common.package import ConceptPackage
-from .data import PLACEHOLDER, Photo, canvas_view, crop_view, photo_tensors, templated_caption
+from .data import (
+    PLACEHOLDER,
+    Photo,
+    canvas_view,
+    crop_view,
+    photo_tensors,
+    shrunk,
+    templated_caption,
+)
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +302,8 @@ def prepare_data(
         )
         for w in (0, len(concept.words) - 1)
     ]
+    if not views:  # augmented each step: shrink large photos once, not every step
+        photos = [shrunk(p, resolution) for p in photos]
     return TrainingData(
         lat_mean=lat_mean,
         lat_std=lat_std,
