@@ -4,6 +4,8 @@ A concept ``<dog1>`` trained with ED-LoRA is written in prompts as two words,
 ``<dog1_1> <dog1_2>``; each word has one token PER cross-attention layer
 (``<dog1_1_l0>`` ... ``<dog1_1_l{L-1}>``) in the tokenizer and the embedding matrix.
 Vanilla LoRA (the paper's baseline) has one word and one token, shared by every layer.
+An imported LoRA (``mos-import``) is a ``trigger`` concept: ``<name>`` stands for its trigger
+words, ordinary words of the tokenizer (``"sks dog"``), and it adds no token at all.
 
 ``encode_prompts`` turns prompts into ``[batch, L, tokens, dim]``: copy ``l`` is the prompt
 with every concept word replaced by its layer-``l`` token.
@@ -19,7 +21,7 @@ import torch
 from transformers import CLIPTextModel
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-METHODS = ("edlora", "lora")
+METHODS = ("edlora", "lora", "trigger")
 
 
 class ConceptError(ValueError):
@@ -44,12 +46,16 @@ def parse_concept_name(text: str) -> str:
 
 @dataclass(frozen=True)
 class Concept:
-    """A concept's names. ``num_layers`` is L for ED-LoRA and 1 for vanilla LoRA."""
+    """A concept's names. ``num_layers`` is L for ED-LoRA and 1 for vanilla LoRA.
+
+    ``trigger``: for ``method="trigger"`` (an imported LoRA), the words ``<name>`` stands for.
+    """
 
     name: str
     class_word: str
     method: str = "edlora"
     num_layers: int = 1
+    trigger: str = ""
 
     def __post_init__(self) -> None:
         if parse_concept_name(self.name) != self.name:
@@ -58,10 +64,23 @@ class Concept:
             raise ConceptError(f"method must be one of {METHODS}, not {self.method!r}")
         if self.num_layers < 1:
             raise ConceptError("a concept needs at least one layer")
+        if self.method == "trigger":
+            if not self.trigger.strip():
+                raise ConceptError(
+                    f"imported concept <{self.name}> needs its trigger words (e.g. 'sks dog')"
+                )
+            if re.search(r"[<>]", self.trigger):
+                raise ConceptError(
+                    f"trigger words {self.trigger!r} of <{self.name}> may not contain '<' or '>'"
+                )
+            if self.num_layers != 1:
+                raise ConceptError("an imported (trigger-word) concept has one layer")
+        elif self.trigger:
+            raise ConceptError(f"only imported concepts have trigger words, not {self.method}")
 
     def to_dict(self) -> dict:
         """The concept as ``concepts.json`` lists it (``from_dict`` reads it back)."""
-        return {
+        out = {
             "token": self.token,
             "name": self.name,
             "class_word": self.class_word,
@@ -70,10 +89,15 @@ class Concept:
             "words": self.words,
             "tokens": self.all_tokens(),
         }
+        if self.trigger:
+            out["trigger"] = self.trigger
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Concept:
-        return cls(d["name"], d["class_word"], d["method"], int(d["num_layers"]))
+        return cls(
+            d["name"], d["class_word"], d["method"], int(d["num_layers"]), d.get("trigger", "")
+        )
 
     @property
     def token(self) -> str:
@@ -82,7 +106,10 @@ class Concept:
 
     @property
     def words(self) -> list[str]:
-        """``['<dog1_1>', '<dog1_2>']`` for ED-LoRA; ``['<dog1>']`` for vanilla LoRA."""
+        """``['<dog1_1>', '<dog1_2>']`` for ED-LoRA; ``['<dog1>']`` for vanilla LoRA; none for
+        an imported (trigger-word) concept."""
+        if self.method == "trigger":
+            return []
         if self.method == "lora":
             return [self.token]
         return [f"<{self.name}_1>", f"<{self.name}_2>"]
@@ -103,7 +130,10 @@ class Concept:
         return [self.layer_token(w, i) for w in range(len(self.words)) for i in range(n_layers)]
 
     def phrase(self) -> str:
-        """The concept's words as they stand in a prompt: ``'<dog1_1> <dog1_2>'``."""
+        """The concept's words as they stand in a prompt: ``'<dog1_1> <dog1_2>'`` (an imported
+        concept: its trigger words)."""
+        if self.method == "trigger":
+            return self.trigger
         return " ".join(self.words)
 
 
@@ -147,7 +177,7 @@ class ConceptTable:
         """
         text = prompt
         for c in self:
-            if c.layerwise:
+            if c.layerwise or c.method == "trigger":
                 text = _replace(text, c.token, c.phrase())
         for match in re.findall(r"<[^<>\s]+>", text):
             if not any(match.lower() in c.words for c in self):
@@ -200,6 +230,14 @@ def encode_prompts(
     if not layerwise:
         return hidden.unsqueeze(1).expand(-1, num_layers, -1, -1)
     return hidden.view(len(prompts), num_layers, *hidden.shape[1:])
+
+
+def concept_token_ids(tokenizer, concept: Concept) -> list[int]:
+    """The ids that stand for ``concept`` in an encoded prompt: its own tokens, or for an
+    imported concept the ids of its trigger words."""
+    if concept.method == "trigger":
+        return list(tokenizer(concept.trigger, add_special_tokens=False).input_ids)
+    return list(tokenizer.convert_tokens_to_ids(concept.all_tokens()))
 
 
 def through_end_token(ids: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ FIRST_WORD_INIT_STD = 0.013  # docs/method.md: the first word starts random, sig
 def add_concept_tokens(base: BaseModel, concept: Concept) -> list[int]:
     """Append the concept's tokens; returns their ids in ``concept.all_tokens()`` order."""
     tokens = concept.all_tokens()
+    if not tokens:  # an imported concept's trigger words are the tokenizer's own
+        return []
     vocab = base.tokenizer.get_vocab()
     taken = [t for t in tokens if t in vocab]
     if taken:
@@ -74,6 +76,8 @@ def initial_embeddings(
 
 def write_embeddings(base: BaseModel, concept: Concept, embeddings: torch.Tensor) -> None:
     """Put ``[words, layers, dim]`` into the embedding rows of the concept's tokens."""
+    if not concept.all_tokens():
+        return
     weight = base.text_encoder.get_input_embeddings().weight
     ids = base.tokenizer.convert_tokens_to_ids(concept.all_tokens())
     with torch.no_grad():

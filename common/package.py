@@ -82,8 +82,7 @@ class ConceptPackage:
     def renamed(self, name: str) -> ConceptPackage:
         """The same concept under another name (its tokens follow the name; the tensors,
         and so the digest, are unchanged)."""
-        c = self.concept
-        return replace(self, concept=Concept(name, c.class_word, c.method, c.num_layers))
+        return replace(self, concept=replace(self.concept, name=name))
 
     def metadata(self) -> dict[str, str]:
         c = self.concept
@@ -97,6 +96,7 @@ class ConceptPackage:
             "rank": str(self.rank),
             "conv_rank": str(self.conv_rank),
             "num_layers": str(c.num_layers),
+            "trigger": c.trigger,
             "base_fingerprint": self.base_fingerprint,
             "base_source": self.base_source,
             "training": json.dumps(self.training, sort_keys=True),
@@ -178,6 +178,7 @@ class ConceptPackage:
                 class_word=meta["class_word"],
                 method=meta["method"],
                 num_layers=num_layers,
+                trigger=meta.get("trigger", ""),
             )
         except KeyError as err:
             raise fail(f"metadata field {err} is missing") from err

@@ -25,6 +25,7 @@ from ..common.base import BaseModelError, load_base_model
 from ..common.cli import UsageError, config_from, resolve_device, run_command
 from ..common.concepts import ConceptError
 from ..common.config import FusionConfig
+from ..common.export import export_single_file
 from ..common.federation import ServerSettings
 from ..common.fused import FusedModel, save_fused_folder
 from ..common.package import ConceptPackage, PackageError
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     fusion = p.add_argument_group("fusion")
     fusion.add_argument("--preset", help="a named set of fusion settings beneath the options given")
     add_options(fusion, FusionConfig)
+    p.add_argument(
+        "--single-file",
+        type=Path,
+        metavar="FILE.safetensors",
+        help="also write the fused model as one LDM-layout checkpoint (A1111, ComfyUI, "
+        "diffusers' from_single_file), its concept tokens as textual-inversion files beside it",
+    )
     p.add_argument("--no-grid", action="store_true", help="skip the sample grid of the report")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     return p
@@ -111,6 +119,8 @@ def read_packages(paths: list[Path]) -> list[ConceptPackage]:
 def run(args: argparse.Namespace) -> Path:
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
         raise UsageError(f"{args.out} is not empty; pass --force to write into it")
+    if args.single_file and args.single_file.suffix != ".safetensors":
+        raise UsageError(f"--single-file {args.single_file}: the checkpoint is a .safetensors file")
     if args.weights and len(args.weights) != len(args.concepts):
         raise UsageError(
             f"--weights: {len(args.weights)} weights for {len(args.concepts)} packages"
@@ -175,6 +185,11 @@ def run(args: argparse.Namespace) -> Path:
     engine.apply(chosen.factors)
     save_fused_folder(base, fused, args.out)
     write_report(report, args.out, grid)
+    if args.single_file:
+        exported = export_single_file(base, fused.concepts, fused.embeddings, args.single_file)
+        for line in exported.lost:
+            log.warning("not in the single file: %s", line)
+        log.info("wrote %s", args.single_file)
     mean = report["mean"]
     drifts = ", ".join(f"{r.strategy} {mean[r.strategy]['unet_drift']:.4g}" for r in results)
     log.info("wrote %s: mean UNet drift %s (fusion %.1f s)", args.out, drifts, fuse_seconds)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..common.attention import cross_attention_layers
 from ..common.base import BaseModel
-from ..common.concepts import ConceptTable, encode_prompts, tokenize
+from ..common.concepts import ConceptTable, concept_token_ids, encode_prompts, tokenize
 from ..common.config import CONV_SAMPLES, FusionConfig
 from ..common.lora import (
     UNET_CONV_TARGETS,
@@ -361,7 +361,7 @@ class FusionEngine:
         tok = self.base.tokenizer
         hidden = encode_prompts(self.base.text_encoder, tok, prompts, self.table, self.num_layers)
         ids = tokenize(tok, [self.table.expand(p, self.num_layers)[0] for p in prompts])
-        concept_ids = torch.tensor(tok.convert_tokens_to_ids(concept.all_tokens()))
+        concept_ids = torch.tensor(concept_token_ids(tok, concept))
         positions = kv_positions(ids, concept_ids, tok.eos_token_id, which)
         return hidden, positions.to(hidden.device)
 
