@@ -10,6 +10,13 @@ concept: ``<rex>`` in a prompt stands for its trigger words (no new token, no la
 embedding), or, with a textual-inversion ``--embedding``, for one new token carrying it.
 Gradient fusion then fuses it with ED-LoRA packages like any other.
 
+A concept package trained on another checkpoint of the same architecture (a sibling
+fine-tune of the same SD 1.x) is moved onto this base with ``--allow-other-base``: the
+shapes are checked, and the package records the base it was trained on
+(``training.trained_on``) beside its new fingerprint.
+
+    mos-import dog1.safetensors --base-model ./my-finetune --allow-other-base
+
 What the file has that a package cannot hold is refused by name: layers this project does
 not adapt (``--skip-unmapped`` drops them and reports the share of the update dropped), a
 shape for another base, other adapter kinds (LoHa, LoKr, DoRA). Ranks that differ per layer
@@ -209,10 +216,46 @@ def import_lora(
     return package, report
 
 
+def rebase_package(
+    package: ConceptPackage, base: BaseModel, allow_other_base: bool, origin: str
+) -> ConceptPackage:
+    """``package`` (trained on another checkpoint) as a package for ``base``."""
+    if package.base_fingerprint == base.fingerprint:
+        raise UsageError(f"{origin}: already a concept package for this base; nothing to import")
+    if not allow_other_base:
+        raise UsageError(
+            f"{origin}: a concept package trained on another base "
+            f"({package.base_source or package.base_fingerprint[:12]}); pass "
+            "--allow-other-base to use it on this one (same architecture; the package records "
+            "the base it was trained on)"
+        )
+    package.check_against(base, check_fingerprint=False)
+    trained_on = {"fingerprint": package.base_fingerprint, "source": package.base_source}
+    return ConceptPackage(
+        package.concept,
+        package.rank,
+        package.embeddings,
+        package.lora,
+        base.fingerprint,
+        base.source,
+        {**package.training, "trained_on": trained_on},
+        package.metrics,
+        package.conv_rank,
+    )
+
+
+def _is_package(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "mix-of-show/concept"
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mos-import", description=__doc__.splitlines()[0])
     p.add_argument("lora", type=Path, help="a kohya / A1111 or diffusers LoRA (.safetensors)")
-    p.add_argument("--concept", required=True, help="the concept's name in prompts, e.g. '<rex>'")
+    p.add_argument("--concept", help="the concept's name in prompts, e.g. '<rex>'")
     p.add_argument("--trigger", default="", help="the LoRA's trigger words, e.g. 'sks dog'")
     p.add_argument("--embedding", type=Path, help="a one-vector textual-inversion embedding")
     p.add_argument(
@@ -225,12 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="drop layers this project does not adapt (reported) instead of refusing the file",
     )
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="move a concept package trained on a sibling checkpoint onto this base",
+    )
     p.add_argument("--out", type=Path, help="package file (default: <name>.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     return p
 
 
 def run(args: argparse.Namespace) -> Path:
+    if args.lora.is_file() and _is_package(args.lora):
+        package = ConceptPackage.load(args.lora)
+        out = args.out or args.lora.with_name(args.lora.stem + "-rebased.safetensors")
+        if out.exists() and not args.force:
+            raise UsageError(f"{out} exists; pass --force to overwrite it")
+        base = load_base_model(args.base_model, config=args.base_config or None)
+        package = rebase_package(package, base, args.allow_other_base, str(args.lora))
+        package.save(out)
+        log.warning(
+            "%s was trained on %s; moved onto %s (recorded in the package)",
+            package.concept.token,
+            package.training["trained_on"]["source"] or "another base",
+            base.source,
+        )
+        print(json.dumps({"out": str(out), "concept": package.concept.token}))
+        return out
+    if not args.concept:
+        raise UsageError("--concept: the name the imported LoRA gets in prompts, e.g. '<rex>'")
     name = parse_concept_name(args.concept)
     out = args.out or Path(f"{name}.safetensors")
     if out.exists() and not args.force:

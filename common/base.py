@@ -13,11 +13,13 @@ the demo run on a laptop CPU; it is built from a seed, deterministically, withou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -376,16 +378,30 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     if missing:
         raise BaseModelError(f"{path}: missing component folder(s): {', '.join(missing)}")
     try:
-        pipe = sd_pipeline_class().from_pretrained(
-            str(path),
-            dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            local_files_only=True,
-        )
+        with _quiet_diffusers():  # a fused folder's concept_table is for MixOfShowPipeline
+            pipe = sd_pipeline_class().from_pretrained(
+                str(path),
+                dtype=dtype,
+                safety_checker=None,
+                requires_safety_checker=False,
+                local_files_only=True,
+            )
     except (OSError, ValueError) as err:
         raise BaseModelError(f"{path}: could not load the diffusers folder: {err}") from err
     return _finish(pipe, str(path))
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers' warnings off for one call (restored after)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    saved = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(saved)
 
 
 def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype) -> BaseModel:

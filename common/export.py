@@ -155,6 +155,12 @@ def export_single_file(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UsageError(f"{path}: a single-file checkpoint is written as .safetensors")
+    if merged.unet.config.get("use_linear_projection"):
+        raise UsageError(
+            "this base is SD 2.x-shaped (linear projections, OpenCLIP text encoder): its "
+            "single-file layout (cond_stage_model.model.*) is not written here; use the "
+            "diffusers folder or a LoRA export (--format diffusers / kohya)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     vocab = base_vocab_size(merged, concepts)
     state = ldm_state_dict(merged)

@@ -44,6 +44,14 @@ FUSED_VERSION = 1
 FUSED_CONV_VERSION = 2  # with UNet convolution adapters
 CONCEPTS_FILE = "concepts.json"
 COMPACT_FILE = "fused.safetensors"
+PIPELINE_FILE = "mix_of_show.py"  # diffusers' custom_pipeline="mix_of_show"
+PIPELINE_SOURCE = (
+    '"""Mix-of-Show\'s pipeline for diffusers\' custom_pipeline (pip install mix-of-show-flower)."""\n'
+    "\n"
+    "from mos.common.pipeline import MixOfShowPipeline\n"
+    "\n"
+    '__all__ = ["MixOfShowPipeline"]\n'
+)
 # exact-rank factors grow linearly with the concepts: SD 1.5 fp32 is ~4.5 MB per concept
 MAX_FUSED_BYTES = 4 * 1024**3
 
@@ -239,7 +247,22 @@ def save_fused_folder(base: BaseModel, fused: FusedModel, out_dir: str | Path) -
         out_dir / CONCEPTS_FILE,
         lambda tmp: Path(tmp).write_text(json.dumps(fused.table_json(), indent=2)),
     )
+    write_pipeline_entry(out_dir, [c.to_dict() for c in fused.concepts])
     return out_dir
+
+
+def write_pipeline_entry(folder: Path, concept_table: list[dict]) -> None:
+    """Let stock diffusers build a ``MixOfShowPipeline`` from ``folder``:
+    ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="mix_of_show",
+    trust_remote_code=True)`` (the file imports this package's pipeline; the concepts ride in
+    ``model_index.json``). Without ``custom_pipeline`` the folder stays an ordinary
+    ``StableDiffusionPipeline`` with the merged weights."""
+    atomic_write(folder / PIPELINE_FILE, lambda tmp: Path(tmp).write_text(PIPELINE_SOURCE))
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["concept_table"] = concept_table
+    text = json.dumps(index, indent=2, sort_keys=True)
+    atomic_write(index_path, lambda tmp: Path(tmp).write_text(text))
 
 
 def load_fused_folder(folder: str | Path) -> tuple[BaseModel, ConceptTable]:

@@ -37,6 +37,7 @@ from .attention import cross_attention_layers, layerwise_cross_attention, region
 from .base import BaseModel
 from .concepts import Concept, ConceptError, ConceptTable, encode_prompts
 from .files import atomic_write
+from .fused import PIPELINE_FILE, PIPELINE_SOURCE
 from .lora import lora_layers
 from .package import ConceptPackage, attach_package
 from .regions import (
@@ -63,13 +64,18 @@ class MixOfShowPipeline(DiffusionPipeline):
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
+        concept_table: list[dict] | None = None,
     ) -> None:
+        """``concept_table``: the concepts as ``model_index.json`` lists them (what
+        ``Concept.to_dict`` writes), so that stock ``DiffusionPipeline.from_pretrained``
+        builds a pipeline that knows them."""
         super().__init__()
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.concepts = ConceptTable()
+        self.concepts = ConceptTable(Concept.from_dict(d) for d in concept_table or [])
+        _check_tokens(self.concepts, tokenizer, "this pipeline")
 
     @classmethod
     def from_base(cls, base: BaseModel, concepts: ConceptTable | None = None) -> MixOfShowPipeline:
@@ -113,10 +119,13 @@ class MixOfShowPipeline(DiffusionPipeline):
                 "save the concept package, or merge the adapters (save_fused_folder)"
             )
         kwargs.setdefault("safe_serialization", True)
+        self.register_to_config(concept_table=[c.to_dict() for c in self.concepts])
         super().save_pretrained(save_directory, **kwargs)
         table = {"format": "mix-of-show/concepts", "concepts": [c.to_dict() for c in self.concepts]}
         text = json.dumps(table, indent=2)
         atomic_write(Path(save_directory) / CONCEPTS_FILE, lambda tmp: Path(tmp).write_text(text))
+        source = Path(save_directory) / PIPELINE_FILE
+        atomic_write(source, lambda tmp: Path(tmp).write_text(PIPELINE_SOURCE))
 
     @classmethod
     def from_pretrained(
@@ -130,13 +139,7 @@ class MixOfShowPipeline(DiffusionPipeline):
         if table_path.is_file():
             data = json.loads(table_path.read_text())
             pipe.concepts = ConceptTable(Concept.from_dict(d) for d in data["concepts"])
-            vocab = pipe.tokenizer.get_vocab()
-            missing = [t for c in pipe.concepts for t in c.all_tokens() if t not in vocab]
-            if missing:
-                raise ConceptError(
-                    f"{pretrained_model_name_or_path}: the tokenizer lacks concept tokens "
-                    f"{missing[:3]}"
-                )
+            _check_tokens(pipe.concepts, pipe.tokenizer, str(pretrained_model_name_or_path))
         return pipe
 
     @contextlib.contextmanager
@@ -415,6 +418,13 @@ class MixOfShowPipeline(DiffusionPipeline):
             return images
         arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
+
+
+def _check_tokens(concepts: ConceptTable, tokenizer: CLIPTokenizer, where: str) -> None:
+    vocab = tokenizer.get_vocab()
+    missing = [t for c in concepts for t in c.all_tokens() if t not in vocab]
+    if missing:
+        raise ConceptError(f"{where}: the tokenizer lacks concept tokens {missing[:3]}")
 
 
 @dataclass

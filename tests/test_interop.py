@@ -340,3 +340,114 @@ def test_mos_fuse_single_file_reads_back_in_diffusers_with_the_same_weights(tmp_
     assert export_main([str(tmp_path / "f"), "--format", "single-file", "--out", str(again)]) == 0
     assert again.read_bytes() == ckpt.read_bytes()
     assert table.known_tokens() == ["<cat2>", "<dog1>"]
+
+
+def test_stock_diffusion_pipeline_loads_a_fused_folder_with_its_concepts(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    base = build_tiny()
+    packages = [_vanilla_package(base, "cat2", 3), random_package(base, "dog1", 1)]
+    for i, pkg in enumerate(packages):
+        pkg.save(tmp_path / f"p{i}.safetensors")
+    argv = ["--concepts", str(tmp_path / "p0.safetensors"), str(tmp_path / "p1.safetensors")]
+    assert fuse_main([*argv, "--out", str(tmp_path / "f"), "--no-grid"]) == 0
+    merged, table = load_fused_folder(tmp_path / "f")
+    want = _image(MixOfShowPipeline.from_base(merged, table), "<dog1> beside <cat2>")
+
+    pipe = DiffusionPipeline.from_pretrained(
+        str(tmp_path / "f"), custom_pipeline="mix_of_show", trust_remote_code=True
+    )
+    assert isinstance(pipe, MixOfShowPipeline)
+    assert pipe.concepts.known_tokens() == ["<cat2>", "<dog1>"]
+    torch.testing.assert_close(_image(pipe, "<dog1> beside <cat2>"), want, atol=1e-6, rtol=0)
+    # save_pretrained writes what from_pretrained reads, by either door
+    pipe.save_pretrained(tmp_path / "again")
+    for again in (
+        MixOfShowPipeline.from_pretrained(tmp_path / "again"),
+        DiffusionPipeline.from_pretrained(
+            str(tmp_path / "again"), custom_pipeline="mix_of_show", trust_remote_code=True
+        ),
+    ):
+        assert again.concepts.known_tokens() == ["<cat2>", "<dog1>"]
+        torch.testing.assert_close(_image(again, "<dog1> beside <cat2>"), want, atol=1e-6, rtol=0)
+    # without custom_pipeline it is an ordinary Stable Diffusion folder
+    assert type(DiffusionPipeline.from_pretrained(str(tmp_path / "f"))).__name__ == (
+        "StableDiffusionPipeline"
+    )
+
+
+def _tiny_sd2(folder: Path) -> Path:
+    """A tiny SD 2.x-shaped model as a diffusers folder: v-prediction, linear projections
+    in the transformer blocks, a wider GELU text encoder (OpenCLIP's activation) and a
+    per-block head count."""
+    from mos.common.base import SD_SCHEDULER_CONFIG, BaseModel, build_components, tiny_configs
+    from mos.common.tokenizer import build_tiny_tokenizer
+
+    configs = tiny_configs()
+    configs["unet"].update(
+        use_linear_projection=True, cross_attention_dim=48, attention_head_dim=(2, 4, 4)
+    )
+    configs["text_encoder"].update(hidden_size=48, projection_dim=48, hidden_act="gelu")
+    tokenizer = build_tiny_tokenizer()
+    te, unet, vae = build_components(configs, tokenizer, seed=5)
+    scheduler = {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+    BaseModel.from_components(tokenizer, te, unet, vae, "sd2", scheduler).save_pretrained(folder)
+    return folder
+
+
+def test_an_sd2_shaped_base_tunes_fuses_and_samples(tmp_path):
+    from mos.client.data import load_photo_folder
+    from mos.client.trainer import train_concept
+    from mos.common.config import TrainConfig
+
+    from .conftest import make_photos
+
+    folder = _tiny_sd2(tmp_path / "sd2")
+    base = load_base_model(folder)
+    assert base.noise_scheduler.config.prediction_type == "v_prediction" and base.text_dim == 48
+    photos = load_photo_folder(make_photos(tmp_path / "photos"))
+    config = TrainConfig(steps=4, embedding_norm_threshold=0)
+    packages = [
+        train_concept(load_base_model(folder), photos, n, "dog", config, progress=False).package
+        for n in ("dog1", "dog2")
+    ]
+    assert all(p.lora for p in packages) and packages[0].embeddings.shape[-1] == 48
+    engine = FusionEngine(base, packages)
+    result = engine.fuse(progress=False)
+    for part in ("text", "kv", "spatial"):
+        ours, weight = result.objective[part], result.objective[f"{part} (weight fusion)"]
+        assert ours <= weight * (1 + 1e-6) + 1e-9  # (4 steps: the text stage is at the floor)
+    engine.apply(result.factors)
+    image = _image(MixOfShowPipeline.from_base(base, engine.table), "<dog1> and <dog2>")
+    assert image.shape == (1, 3, 64, 64) and bool(torch.isfinite(image).all())
+    # an SD 1.x package on it is refused, naming what differs
+    with pytest.raises(Exception, match="another base"):
+        random_package(build_tiny(), "cat2").check_against(base)
+    # the single-file LDM layout written here is SD 1.x's: SD 2.x is refused, not mis-written
+    fused = FusedModel.from_packages(result.strategy, result.factors, packages)
+    from mos.common.export import export_single_file
+
+    with pytest.raises(Exception, match="SD 2"):
+        export_single_file(base, fused.concepts, fused.embeddings, tmp_path / "x.safetensors")
+
+
+def test_a_package_moves_to_a_sibling_checkpoint_only_when_asked(tmp_path, capsys):
+    sibling = build_tiny(seed=3)  # same architecture, other weights
+    sibling.save_pretrained(tmp_path / "sibling")
+    pkg = random_package(build_tiny(), "dog1")
+    pkg.save(tmp_path / "dog1.safetensors")
+    argv = [str(tmp_path / "dog1.safetensors"), "--base-model", str(tmp_path / "sibling")]
+    assert import_main(argv) == 2
+    assert "--allow-other-base" in capsys.readouterr().err
+    assert import_main([*argv, "--allow-other-base"]) == 0
+    moved = ConceptPackage.load(tmp_path / "dog1-rebased.safetensors")
+    moved.check_against(load_base_model(tmp_path / "sibling"))
+    assert moved.training["trained_on"] == {"fingerprint": pkg.base_fingerprint, "source": "tiny"}
+    assert moved.sha256 == pkg.sha256  # the tensors are untouched
+    # another architecture is still refused, naming the shape
+    _tiny_sd2(tmp_path / "sd2")
+    other = [str(tmp_path / "dog1.safetensors"), "--base-model", str(tmp_path / "sd2")]
+    assert (
+        import_main([*other, "--allow-other-base", "--out", str(tmp_path / "x.safetensors")]) == 2
+    )
+    assert "dim" in capsys.readouterr().err
