@@ -87,14 +87,22 @@ def _norm2(up: torch.Tensor, down: torch.Tensor) -> float:
 
 
 def _skipped_share(tensors: dict[str, torch.Tensor], imported: Imported, names: list[str]) -> float:
-    """The dropped layers' share of the file's squared update norm (alpha ignored for them)."""
+    """The dropped layers' share of the file's squared update norm (kohya alphas applied;
+    a diffusers file's dropped layers at scale 1)."""
     kept = sum(_norm2(up, down) for up, down in imported.factors.values())
     dropped = 0.0
     for name in names:
         suffixes = [(".lora_down.weight", ".lora_up.weight"), *DIFFUSERS_PAIRS]
         for down_key, up_key in ((name + d, name + u) for d, u in suffixes):
             if down_key in tensors and up_key in tensors:
-                dropped += _norm2(tensors[up_key].float(), tensors[down_key].float())
+                down = tensors[down_key].float()
+                alpha = tensors.get(f"{name}.alpha")
+                scale = (
+                    float(alpha.float().reshape(-1)[0]) / down.shape[0]
+                    if alpha is not None
+                    else 1.0
+                )
+                dropped += scale**2 * _norm2(tensors[up_key].float(), down)
     total = kept + dropped
     return dropped / total if total > 0 else 0.0
 
