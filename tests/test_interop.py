@@ -259,9 +259,24 @@ def test_imported_and_edlora_packages_fuse_by_gradient_fusion(tmp_path, tiny_fol
     fused = FusedModel.from_packages(result.strategy, result.factors, [kohya, peft, *ed])
     fused.save_compact(tmp_path / "fused.safetensors")
     again = FusedModel.load_compact(tmp_path / "fused.safetensors")
-    table = again.attach(build_tiny())
+    ours = build_tiny()
+    table = again.attach(ours)
     assert table.expand("<rex> and <tom>", 1) == ["sks dog and a tabby cat"]
     assert [c.method for c in again.concepts] == ["trigger", "trigger", "edlora", "edlora"]
+    want = _image(MixOfShowPipeline.from_base(ours, table), "a photo of <rex>")
+    # the fused model's LoRA export, in stock diffusers, draws the imported concept the same
+    export_lora(
+        base,
+        again.factors,
+        again.concepts,
+        again.embeddings,
+        tmp_path / "x",
+        "diffusers",
+        torch.float32,
+    )
+    stock = _stock(tiny_folder)
+    stock.load_lora_weights(str(tmp_path / "x"), weight_name="pytorch_lora_weights.safetensors")
+    torch.testing.assert_close(_image(stock, "a photo of sks dog"), want, atol=1e-4, rtol=0)
 
 
 def test_exported_lora_of_a_fused_model_reproduces_it_in_stock_diffusers(tmp_path, tiny_folder):
