@@ -71,7 +71,11 @@ def main() -> None:
             ident = concept_identity(single_concept_pipeline(variant), name, args.samples)
             row[label] = {"score": ident.mean_score, "detected": ident.detected}
             log.info(
-                "%s %s: score %.3f, detected %.0f%%", name, label, ident.mean_score, 100 * ident.detected
+                "%s %s: score %.3f, detected %.0f%%",
+                name,
+                label,
+                ident.mean_score,
+                100 * ident.detected,
             )
         rows[name] = row
     (args.out / "export.json").write_text(
