@@ -25,6 +25,7 @@ from ..common.concepts import ConceptError, parse_concept_name
 from ..common.config import TrainConfig
 from ..common.edlora import class_word_id
 from ..common.images import image_grid, loss_curve
+from ..common.package import PackageError
 from ..common.pipeline import MixOfShowPipeline
 from ..common.presets import load_preset
 from ..common.settings import SettingsError, add_options, given
@@ -45,8 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Fetch the server's latest fused model at any time: mos-client pull --hub "
         "HOST:PORT (see mos-client pull --help).",
     )
-    p.add_argument("--data", required=True, type=Path, help="folder of photos (jpg/png/webp)")
-    p.add_argument("--concept", required=True, help="concept name, e.g. '<dog1>' or dog1")
+    p.add_argument("--data", type=Path, help="folder of photos (jpg/png/webp)")
+    p.add_argument(
+        "--package",
+        type=Path,
+        help="with --superlink: send this ready concept package (e.g. from mos-import) "
+        "instead of tuning on photos",
+    )
+    p.add_argument("--concept", help="concept name, e.g. '<dog1>' or dog1")
     p.add_argument("--class-word", help="one-token class word (default: the name without digits)")
     p.add_argument(
         "--base-model",
@@ -121,6 +128,17 @@ def resolve_class_word(base: BaseModel, name: str, given: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> Path:
+    if args.package is not None and args.data is not None:
+        raise UsageError("give --data (photos to tune on) or --package (a ready package), not both")
+    if args.package is not None and not args.superlink:
+        raise UsageError(
+            "--package is sent to a federation: add --superlink HOST:PORT (to fuse packages "
+            "offline, use mos-fuse --concepts)"
+        )
+    if args.data is None and args.package is None:
+        raise UsageError("--data: the folder of photos to tune on is needed")
+    if args.concept is None and args.package is None:
+        raise UsageError("--concept: the concept's name is needed, e.g. '<dog1>'")
     if args.superlink:
         from .join import run_supernode
 
@@ -198,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "mos-client",
         build_parser(),
         run,
-        (PhotoFolderError, BaseModelError, ConceptError),
+        (PhotoFolderError, BaseModelError, ConceptError, PackageError),
         argv,
         interrupted="interrupted (a package is only ever written whole)",
     )

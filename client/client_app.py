@@ -58,7 +58,10 @@ class ClientSetupError(ValueError):
 
 @dataclass
 class ClientSettings:
-    data: Path
+    """``data``: the photos to tune on; or ``package``: a ready concept package (an imported
+    LoRA, or one tuned before) that is sent as it is, with no photos on this node."""
+
+    data: Path | None
     concept: str
     class_word: str
     model_dir: Path
@@ -66,6 +69,7 @@ class ClientSettings:
     base_config: str | None = None
     device: str = "auto"
     fault: str = ""  # fault injection for the federation tests: "corrupt-package"
+    package: Path | None = None
 
     @classmethod
     def from_context(cls, context: Context) -> ClientSettings:
@@ -73,16 +77,22 @@ class ClientSettings:
         try:
             if "partition-id" in node and "data" not in node:
                 return cls._simulated(int(node["partition-id"]), run)
-            missing = [k for k in ("data", "concept") if not str(node.get(k, ""))]
+            missing = [k for k in ("concept",) if not str(node.get(k, ""))]
+            if not str(node.get("data", "")) and not str(node.get("package", "")):
+                missing.insert(0, "data")
             if missing:
                 raise ClientSetupError(
                     f"node config lacks {', '.join(missing)} (start the SuperNode with "
                     "mos-client --data DIR --concept NAME --superlink HOST:PORT)"
                 )
             name = parse_concept_name(str(node["concept"]))
-            data = Path(str(node["data"])).expanduser().resolve()
-            model_dir = Path(str(node.get("model-dir") or data.parent / f"{name}-model"))
+            given = str(node.get("data") or node.get("package"))
+            source = Path(given).expanduser().resolve()
+            data = source if node.get("data") else None
+            package = None if data else source
+            model_dir = Path(str(node.get("model-dir") or source.parent / f"{name}-model"))
             return cls(
+                package=package,
                 data=data,
                 concept=name,
                 class_word=str(node.get("class-word") or default_class_word(name)),
@@ -176,6 +186,9 @@ def _refusing(handler: Callable[[Message, ClientSettings], Message]):
 def handle_train(msg: Message, settings: ClientSettings) -> Message:
     cfg = msg.content.config_records[fed.TRAIN_CONFIG]
     config = TrainConfig.model_validate_json(str(cfg["train-config"]))
+    if settings.package is not None:
+        return _send_ready_package(msg, settings, cfg)
+    assert settings.data is not None
     photos = load_photo_folder(settings.data)
     base = _load_base(settings, str(cfg.get("base-source", "tiny")))
     want = str(cfg["base-fingerprint"])
@@ -232,6 +245,33 @@ def handle_train(msg: Message, settings: ClientSettings) -> Message:
     return _reply(msg, **{fed.PACKAGE: arrays, fed.MANIFEST: manifest, fed.METRICS: metrics})
 
 
+def _send_ready_package(msg: Message, settings: ClientSettings, cfg: ConfigRecord) -> Message:
+    """The node's ready package, sent as it is (no tuning, no photos)."""
+    assert settings.package is not None
+    try:
+        package = ConceptPackage.load(settings.package)
+    except PackageError as err:
+        raise ClientSetupError(str(err)) from err
+    want = str(cfg["base-fingerprint"])
+    if package.base_fingerprint != want:
+        raise ClientSetupError(
+            f"base model mismatch: the server fuses on {cfg.get('base-source')} "
+            f"({want[:12]}), the package {settings.package.name} is for "
+            f"{package.base_source or package.base_fingerprint[:12]}; import it for the "
+            "server's base (mos-import ... --base-model SERVER_BASE [--allow-other-base])"
+        )
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricRecord(
+        {"steps": 0, "final_loss": 0.0, "seconds": 0.0, "cached": 1, "photos": 0}
+    )
+    registered = json.loads(str(cfg.get("registered", "{}")))
+    if registered.get(package.concept.name) == package.sha256:
+        manifest = ConfigRecord({"status": "registered", "concept": package.concept.token})
+        return _reply(msg, **{fed.MANIFEST: manifest, fed.METRICS: metrics})
+    arrays, manifest = package_to_records(package)
+    return _reply(msg, **{fed.PACKAGE: arrays, fed.MANIFEST: manifest, fed.METRICS: metrics})
+
+
 def _cached(model_dir: Path, key: str) -> ConceptPackage | None:
     try:
         info = json.loads((model_dir / PACKAGE_INFO).read_text())
@@ -260,7 +300,7 @@ def handle_evaluate(msg: Message, settings: ClientSettings) -> Message:
     log.info("stored fused model v%d (%d concepts) in %s", version, len(fused.concepts), path)
     metrics: dict[str, float] = {"version": version, "concepts": len(fused.concepts)}
     own = _cached_package(settings.model_dir)
-    if own is not None and own.concept.name in table:
+    if own is not None and own.concept.name in table and settings.data is not None:
         photos = load_photo_folder(settings.data)
         caption = f"a photo of a {own.concept.token}"
         fused_loss = denoising_loss(base, table, photos, caption)

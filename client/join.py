@@ -21,6 +21,7 @@ from pathlib import Path
 from ..common.cli import UsageError
 from ..common.concepts import ConceptError, parse_concept_name
 from ..common.federation import toml_value
+from ..common.package import ConceptPackage
 from ..common.processes import Managed, executable, flower_env, free_port, port_open
 from .data import load_photo_folder
 from .layout import DONE, LATEST
@@ -35,15 +36,28 @@ def node_config(values: dict[str, str]) -> str:
 
 
 def run_supernode(args: argparse.Namespace) -> Path:
-    try:
-        name = parse_concept_name(args.concept)
-    except ConceptError as err:
-        raise UsageError(str(err)) from err
     host, _, port = args.superlink.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--superlink {args.superlink!r}: expected HOST:PORT, e.g. 10.0.0.5:9092")
-    data = args.data.expanduser().resolve()
-    photos = load_photo_folder(data)  # fail now, not in the middle of a round
+    data = package = None
+    if args.package is not None:
+        package = args.package.expanduser().resolve()
+        ready = ConceptPackage.load(package)  # fail now, not in the middle of a round
+        name = ready.concept.name
+        if args.concept and parse_concept_name(args.concept) != name:
+            raise UsageError(
+                f"--concept {args.concept}: the package is {ready.concept.token} (rename it "
+                "with mos-import, or leave --concept out)"
+            )
+        what = f"the package {package.name}"
+    else:
+        try:
+            name = parse_concept_name(args.concept)
+        except ConceptError as err:
+            raise UsageError(str(err)) from err
+        data = args.data.expanduser().resolve()
+        photos = load_photo_folder(data)  # fail now, not in the middle of a round
+        what = f"{len(photos)} photos"
     model_dir = (args.model_dir or Path(f"{name}-model")).expanduser().resolve()
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / DONE).unlink(missing_ok=True)
@@ -61,7 +75,8 @@ def run_supernode(args: argparse.Namespace) -> Path:
             setattr(args, option, path)
     config = node_config(
         {
-            "data": str(data),
+            "data": str(data or ""),
+            "package": str(package or ""),
             "concept": name,
             "class-word": args.class_word or "",
             "model-dir": str(model_dir),
@@ -90,13 +105,7 @@ def run_supernode(args: argparse.Namespace) -> Path:
         cmd += ["--auth-supernode-private-key", str(args.auth_private_key)]
     if args.trusted_entities is not None:  # run only app bundles signed by these keys
         cmd += ["--trusted-entities", str(args.trusted_entities)]
-    log.info(
-        "joining %s as <%s> with %d photos; models go to %s",
-        args.superlink,
-        name,
-        len(photos),
-        model_dir,
-    )
+    log.info("joining %s as <%s> with %s; models go to %s", args.superlink, name, what, model_dir)
     # Several SuperNodes (and the server) often share one machine; PyTorch's default of a
     # thread per core each then oversubscribes the cores, which measured up to 60x slower.
     threads = args.threads or max(1, (os.cpu_count() or 2) // 2)

@@ -45,6 +45,7 @@ from ..common.package import PackageError
 from ..common.pipeline import MixOfShowPipeline
 from ..common.regions import Region, RegionError, box_from_pixels
 from ..common.settings import validation_message
+from .layout import LATEST
 
 log = logging.getLogger("mos.sample")
 SCENE_KEY = "mos-scene"
@@ -175,13 +176,18 @@ def parse_region(text: str) -> RegionSpec:
 
 def load_model(spec: Path, base_model: str | None, base_config: str | None):
     """``(base, concepts)`` from a fused folder or a compact fused model on a base."""
+    if spec.is_dir() and (spec / LATEST).is_file():  # a client's model folder: its latest model
+        try:
+            spec = spec / str(json.loads((spec / LATEST).read_text())["file"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"--model {spec}: unreadable {LATEST} ({err})") from err
     if spec.is_dir() and (spec / "model_index.json").is_file():
         return load_fused_folder(spec)
     compact = spec / COMPACT_FILE if spec.is_dir() else spec
     if not compact.is_file():
         raise UsageError(
             f"--model {spec}: neither a fused diffusers folder nor a compact fused model "
-            f"({COMPACT_FILE} or a client's fused/v<N>.safetensors)"
+            f"({COMPACT_FILE}, a client's fused/v<N>.safetensors or its model folder)"
         )
     fused = FusedModel.load_compact(compact)
     if base_model is None:  # the base the model was fused on, when it is built in
@@ -198,7 +204,12 @@ def load_model(spec: Path, base_model: str | None, base_config: str | None):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mos-sample", description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, required=True, help="fused folder or compact model")
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="fused folder, compact model, or a client's model folder (its latest)",
+    )
     p.add_argument(
         "--base-model",
         help="the base of a compact model (default: the built-in base it was fused on)",

@@ -421,3 +421,36 @@ def test_a_received_packages_digest_is_computed_once(monkeypatch):
     package = package_from_records(arrays, manifest)
     assert package.sha256 == manifest["sha256"]
     assert len(calls) == 1
+
+
+def test_a_node_sends_an_imported_package_without_photos(tmp_path):
+    from mos.client.cli import main as client_main
+    from mos.client.importer import import_lora
+
+    from .test_interop import _kohya_file
+
+    base = build_tiny()
+    _kohya_file(base, tmp_path / "k.safetensors")
+    pkg, _ = import_lora(base, tmp_path / "k.safetensors", "rex", trigger="sks dog")
+    pkg.save(tmp_path / "rex.safetensors")
+    settings = ClientSettings(
+        data=None,
+        package=tmp_path / "rex.safetensors",
+        concept="rex",
+        class_word="dog",
+        model_dir=tmp_path / "model",
+        device="cpu",
+    )
+    content = handle_train(train_message(base), settings).content
+    sent = package_from_records(
+        content.array_records[fed.PACKAGE], content.config_records[fed.MANIFEST]
+    )
+    assert sent.sha256 == pkg.sha256 and sent.concept.trigger == "sks dog"
+    assert content.metric_records[fed.METRICS]["photos"] == 0
+    known = handle_train(train_message(base, {"rex": pkg.sha256}), settings).content
+    assert known.config_records[fed.MANIFEST]["status"] == "registered"
+    with pytest.raises(ClientSetupError, match="mos-import"):
+        handle_train(train_message(build_tiny(seed=2)), settings)
+    # the command line: a package goes to a federation only, and not with photos
+    assert client_main(["--package", str(tmp_path / "rex.safetensors")]) == 2
+    assert client_main(["--package", "x.safetensors", "--data", "d", "--superlink", "h:1"]) == 2

@@ -296,6 +296,29 @@ def test_mos_sample_native_views_are_kept_in_the_scene_and_change_a_wide_image(
     assert Image.open(again).tobytes() == Image.open(tiles).tobytes()
 
 
+def test_mos_sample_takes_a_clients_model_folder_and_uses_its_latest_model(tmp_path, compact_model):
+    import shutil
+
+    from PIL import Image
+
+    from mos.client.layout import LATEST
+    from mos.client.sample import main
+
+    model_dir = tmp_path / "dog1-model"
+    (model_dir / "fused").mkdir(parents=True)
+    shutil.copy(compact_model, model_dir / "fused" / "v2.safetensors")
+    (model_dir / "fused" / "v1.safetensors").write_bytes(b"an older, broken file")
+    latest = {"version": 2, "file": "fused/v2.safetensors", "concepts": ["<dog1>", "<cat2>"]}
+    (model_dir / LATEST).write_text(json.dumps(latest))
+    args = ["--prompt", "a <dog1> and a <cat2>", "--steps", "2"]
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["--model", str(compact_model), *args, "--out", str(a)]) == 0
+    assert main(["--model", str(model_dir), *args, "--out", str(b)]) == 0
+    assert Image.open(a).tobytes() == Image.open(b).tobytes()
+    (model_dir / LATEST).write_text("{not json")
+    assert main(["--model", str(model_dir), *args, "--out", str(b)]) == 2
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
