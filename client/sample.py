@@ -25,9 +25,12 @@ and ``--view-overlap 0`` (side-by-side tiles) what keeps each of them whole.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -320,17 +323,38 @@ def run(args: argparse.Namespace) -> Path:
         raise UsageError("--grid must be at least 1")
     base, concepts = load_model(args.model, args.base_model, args.base_config)
     base.to(resolve_device(args.device))
-    width = scene.width or base.default_resolution
-    height = scene.height or base.default_resolution
-    regions = scene.to_regions(width, height)
     pipe = MixOfShowPipeline.from_base(base, concepts)
-    _check_tokens(concepts, base, [scene.prompt, *(r.prompt for r in regions)])
+    out = render(pipe, scene, grid=args.grid, progress=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.save(args.out, pnginfo=scene_pnginfo(scene))
+    n = len(scene.regions)
+    log.info("wrote %s (%d region%s)", args.out, n, "" if n == 1 else "s")
+    return args.out
+
+
+def render(
+    pipe: MixOfShowPipeline,
+    scene: Scene,
+    *,
+    grid: int = 1,
+    progress: bool = False,
+    callback: Callable[[int, int], None] | None = None,
+) -> Image.Image:
+    """The image of a scene (``grid`` seeds side by side from ``scene.seed`` on), as
+    ``mos-sample`` writes it. ``callback(done, total)`` counts steps over all seeds."""
+    width = scene.width or pipe.default_resolution
+    height = scene.height or pipe.default_resolution
+    regions = scene.to_regions(width, height)
+    _check_tokens(pipe.concepts, [scene.prompt, *(r.prompt for r in regions)])
     adapters = load_conditions(scene)
     for cond in adapters:
-        cond.adapter.to(base.device)
+        cond.adapter.to(pipe.device)
     images: list[Image.Image] = []
-    for k in range(args.grid):
+    for k in range(grid):
         gen = torch.Generator().manual_seed(scene.seed + k)
+        step = None
+        if callback is not None:
+            step = functools.partial(_overall, callback, k, grid)
         images += pipe(
             scene.prompt,
             scene.negative_prompt,
@@ -344,25 +368,91 @@ def run(args: argparse.Namespace) -> Path:
             adapter_conditioning_factor=scene.adapter_steps,
             native_views=scene.native_views,
             view_overlap=scene.view_overlap,
-            progress=True,
+            progress=progress,
+            callback=step,
         )
-    out = (
-        images[0]
-        if args.grid == 1
-        else image_grid([images], (), [f"seed {scene.seed + k}" for k in range(args.grid)])
-    )
+    if grid == 1:
+        return images[0]
+    return image_grid([images], (), [f"seed {scene.seed + k}" for k in range(grid)])
+
+
+def _overall(callback: Callable[[int, int], None], k: int, grid: int, i: int, n: int) -> None:
+    callback(k * n + i, grid * n)
+
+
+def scene_pnginfo(scene: Scene) -> PngImagePlugin.PngInfo:
+    """The PNG text chunk that makes an image its own scene file (``--scene image.png``)."""
     info = PngImagePlugin.PngInfo()
     info.add_text(SCENE_KEY, scene.model_dump_json())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    out.save(args.out, pnginfo=info)
-    log.info("wrote %s (%d region%s)", args.out, len(regions), "" if len(regions) == 1 else "s")
-    return args.out
+    return info
 
 
-def _check_tokens(concepts: ConceptTable, base, prompts: list[str]) -> None:
+def scene_command(
+    model: Path,
+    scene: Scene,
+    out: str,
+    *,
+    grid: int = 1,
+    base_model: str | None = None,
+    scene_file: str | None = None,
+) -> str:
+    """The ``mos-sample`` command line that renders ``scene`` from ``model``. A scene the
+    options cannot spell (several adapters, per-region adapter weights, an ``@`` in a prompt)
+    is given as ``--scene scene_file`` instead (which the caller writes)."""
+    words = ["mos-sample", "--model", str(model)]
+    if base_model:
+        words += ["--base-model", base_model]
+    if not _spellable(scene):
+        if scene_file is None:
+            raise UsageError("this scene needs a scene file: save the scene and use --scene")
+        words += ["--scene", scene_file]
+    else:
+        default = Scene(prompt=scene.prompt)
+        words += ["--prompt", scene.prompt]
+        if scene.negative_prompt:
+            words += ["--negative-prompt", scene.negative_prompt]
+        for r in scene.regions:
+            box = ",".join(_number(v) for v in r.box)
+            neg = f"@{r.negative_prompt}" if r.negative_prompt else ""
+            words += ["--region", f"{r.prompt}@{box}{neg}"]
+        for a in scene.adapters:
+            words += ["--adapter", a.model, "--adapter-image", a.image]
+            if a.weight != 1.0:
+                words += ["--adapter-weight", _number(a.weight)]
+        for key in ("seed", "steps", "guidance", "width", "height", "adapter_steps"):
+            value = getattr(scene, key)
+            if value is not None and value != getattr(default, key):
+                words += [f"--{key.replace('_', '-')}", _number(value)]
+        if scene.native_views:
+            words += ["--native-views"]
+            if scene.view_overlap != default.view_overlap:
+                words += ["--view-overlap", _number(scene.view_overlap)]
+    if grid != 1:
+        words += ["--grid", str(grid)]
+    words += ["--out", out]
+    return shlex.join(words)
+
+
+def _spellable(scene: Scene) -> bool:
+    texts = [scene.prompt, scene.negative_prompt]
+    texts += [t for r in scene.regions for t in (r.prompt, r.negative_prompt)]
+    return (
+        len(scene.adapters) <= 1
+        and all(a.name == "adapter" for a in scene.adapters)
+        and not any(r.adapter_weights for r in scene.regions)
+        and not any("@" in t for t in texts)
+        and not scene.negative_prompt.startswith("-")
+    )
+
+
+def _number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and not isinstance(v, bool) else repr(float(v))
+
+
+def _check_tokens(concepts: ConceptTable, prompts: list[str]) -> None:
     """An unknown ``<token>`` fails before sampling, naming the known ones."""
     for prompt in prompts:
-        concepts.expand(prompt, base.num_cross_attention_layers)
+        concepts.expand(prompt, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

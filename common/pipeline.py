@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,7 @@ class MixOfShowPipeline(DiffusionPipeline):
         adapter_conditioning_factor: float = 1.0,
         native_views: bool = False,
         view_overlap: float = 0.5,
+        callback: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Sample; with ``regions`` each region's prompt is drawn in its box (docs/method.md,
         section 3), the global prompt everywhere else. ``adapters`` add T2I-Adapter
@@ -236,7 +237,8 @@ class MixOfShowPipeline(DiffusionPipeline):
         ``view_overlap`` is the fraction of a window its neighbour shares (0.5, the
         panorama pipeline's; 0: side-by-side tiles, each denoised on its own, which on the
         toy base keeps every concept whole: a window that straddles two boxes sees half
-        of each and redraws them as one, benchmarks/RESULTS.md)."""
+        of each and redraws them as one, benchmarks/RESULTS.md). ``callback(step, steps)``
+        is called after each denoising step (a progress bar in another process, a UI)."""
         prompts, negatives = self._check_inputs(
             prompt, negative_prompt, num_inference_steps, adapter_conditioning_factor
         )
@@ -270,6 +272,7 @@ class MixOfShowPipeline(DiffusionPipeline):
                 guidance_scale,
                 adapter_conditioning_factor,
                 progress,
+                callback,
             )
         return self._decode(latents, output_type)
 
@@ -381,6 +384,7 @@ class MixOfShowPipeline(DiffusionPipeline):
         guidance_scale: float,
         adapter_conditioning_factor: float,
         progress: bool,
+        callback: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """The sampler loop: classifier-free guidance, adapter residuals in the first steps,
         one UNet call on the canvas or one per view."""
@@ -407,6 +411,8 @@ class MixOfShowPipeline(DiffusionPipeline):
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents).prev_sample
+            if callback is not None:
+                callback(i + 1, len(scheduler.timesteps))
         return latents
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> list[Image.Image] | torch.Tensor:

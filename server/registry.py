@@ -7,6 +7,7 @@ versioned fused models. A restarted server reads it and fuses without asking any
       stats/<name>.safetensors   # per-concept Gram matrices (independent fusion mode)
       models/v<N>/fused.safetensors, concepts.json, fusion_report.{json,md,png}
       rounds.jsonl               # one line per round: who sent what, what was rejected
+      status.json                # what the server is doing now: stage, round, connected nodes
 
 Every file is written whole (temporary file + rename) before the index names it, so a crash
 at any point leaves an index whose every entry is usable.
@@ -227,6 +228,12 @@ class Registry:
 
     def load_model(self, mv: ModelVersion) -> FusedModel:
         return FusedModel.load_compact(self.root / mv.path / COMPACT_FILE)
+
+    def write_status(self, stage: str, **fields: object) -> None:
+        """``status.json``: the server's stage now (waiting, training, fusing, evaluating,
+        done, stopped), for the federation view; written whole each time."""
+        text = json.dumps({"stage": stage, "time": time.time(), **fields}, default=str)
+        atomic_write(self.root / "status.json", lambda tmp: Path(tmp).write_text(text))
 
     def log_round(self, record: dict) -> None:
         with open(self.root / "rounds.jsonl", "a", encoding="utf-8") as f:

@@ -61,13 +61,17 @@ def run(grid: Grid, settings: RunSettings) -> dict:
     )
     start = time.perf_counter()
     initial = strategy.resume()
-    strategy.start(
-        grid,
-        initial_arrays=initial,
-        num_rounds=server.rounds,
-        timeout=server.round_timeout,
-        evaluate_config=ConfigRecord({"final-round": server.rounds}),
-    )
+    try:
+        strategy.start(
+            grid,
+            initial_arrays=initial,
+            num_rounds=server.rounds,
+            timeout=server.round_timeout,
+            evaluate_config=ConfigRecord({"final-round": server.rounds}),
+        )
+    except BaseException as err:
+        registry.write_status("stopped", reason=str(err) or type(err).__name__)
+        raise
     latest = registry.latest()
     result: dict[str, Any] = {
         "strategy": server.strategy,
@@ -79,6 +83,7 @@ def run(grid: Grid, settings: RunSettings) -> dict:
     }
     text = json.dumps(result, indent=2, default=str)
     atomic_write(state / "result.json", lambda tmp: Path(tmp).write_text(text))
+    registry.write_status("done", rounds=len(strategy.rounds), version=result["version"])
     log.info(
         "done: fused model v%s with %d concepts in %s",
         result["version"],

@@ -80,6 +80,7 @@ class ConceptFusionStrategy(Strategy):
         self.sent_train: dict[int, Message] = {}  # node -> the message it was sent
         self.sent_eval: dict[int, Message] = {}
         self.rounds: list[dict] = []
+        self._round = 0  # the round in progress (for status.json)
 
     # --- fusion ----------------------------------------------------------------------
     def fuse(self, engine: FusionEngine) -> FusionResult:
@@ -164,6 +165,9 @@ class ConceptFusionStrategy(Strategy):
             if len(nodes) != announced:
                 log.info("waiting for clients: %d of %d connected", len(nodes), self.min_clients)
                 announced = len(nodes)
+                self.registry.write_status(
+                    "waiting", nodes=nodes, min_clients=self.min_clients, round=self._round + 1
+                )
             if time.monotonic() > deadline:
                 raise NotEnoughClients(
                     f"only {len(nodes)} of {self.min_clients} clients connected within "
@@ -178,7 +182,9 @@ class ConceptFusionStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         nodes = self._wait_for_nodes(grid)
+        self._round = server_round
         log.info("round %d: asking %d clients for their concept", server_round, len(nodes))
+        self.registry.write_status("training", nodes=nodes, round=server_round)
         content = ConfigRecord(
             {
                 **dict(config),
@@ -270,6 +276,7 @@ class ConceptFusionStrategy(Strategy):
         record: dict = {"round": server_round, "accepted": [], "known": [], "rejected": []}
         self.renamed = []  # this round's renamings (_unclash)
         seen = {_sender(r, self.sent_train) for r in replies}
+        self.registry.write_status("fusing", nodes=sorted(seen), round=server_round)
         record["missing"] = sorted(set(self.sent_train) - seen)
         for node in record["missing"]:
             log.warning("round %d: node %d sent no reply in time", server_round, node)
@@ -332,6 +339,7 @@ class ConceptFusionStrategy(Strategy):
         log.info(
             "round %d: sending fused model v%d to %d clients", server_round, version, len(nodes)
         )
+        self.registry.write_status("evaluating", nodes=nodes, round=server_round, version=version)
         meta = ConfigRecord({**dict(meta), **dict(config), "round": server_round})
         self.sent_eval = {
             n: Message(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -94,3 +98,36 @@ def random_fused(base: BaseModel, packages: list[ConceptPackage]):
 
     result = FusionEngine(build_tiny(), packages).weight_fusion()
     return FusedModel.from_packages(result.strategy, result.factors, packages)
+
+
+@dataclass
+class DemoRun:
+    out: Path  # mos-demo --out: server/ (state dir), clients/, composed.png
+    log: str  # everything the demo printed
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """One real ``mos-demo`` run (simulation on the toy base, few steps), shared by the tests
+    that check the demo and the studio's view of it."""
+    pytest.importorskip("ray")
+    from mos.common.processes import Managed
+
+    bin_dir = Path(sys.executable).parent
+    tmp = tmp_path_factory.mktemp("demo")
+    out, log = tmp / "demo", tmp / "log"
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PATH="/usr/bin:/bin", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env["OMP_NUM_THREADS"] = "1"  # the simulation's processes share two cores in CI
+    cmd = [str(bin_dir / "mos-demo"), "--out", str(out), "--steps", "3", "--fusion-steps", "2"]
+    proc = Managed(cmd, env, log)
+    try:
+        deadline = time.monotonic() + 400
+        while proc.alive():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mos-demo still running after 400 s:{proc._tail()}")
+            time.sleep(0.3)
+        assert proc.proc.returncode == 0, proc._tail()
+    finally:
+        proc.stop()
+    return DemoRun(out, log.read_text())

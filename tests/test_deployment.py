@@ -240,27 +240,19 @@ def test_tls_and_supernode_auth_admit_only_registered_clients_end_to_end(tmp_pat
     assert wait(srv, 30) == 130
 
 
-def test_the_readme_demo_runs_the_simulation_end_to_end(tmp_path):
-    pytest.importorskip("ray")
-    out = tmp_path / "demo"
-    proc = Managed(
-        [str(BIN / "mos-demo"), "--out", str(out), "--steps", "3", "--fusion-steps", "2"],
-        bare_env(),
-        tmp_path / "log",
-    )
-    try:
-        assert wait(proc, 400) == 0, proc._tail()
-    finally:
-        proc.stop()
+def test_the_readme_demo_runs_the_simulation_end_to_end(demo_run):
+    out = demo_run.out
     result = json.loads((out / "server/result.json").read_text())
     names = sorted(TOY_DEMO_CONCEPTS)  # the default base is the toy world's
     assert sorted(result["concepts"]) == names
+    status = json.loads((out / "server/status.json").read_text())
+    assert status["stage"] == "done" and status["version"] == 1
     report = (out / "server/models/v1/fusion_report.md").read_text()
     assert all(f"<{n}>" in report for n in names)
     for name in names:
         info = json.loads((out / "clients" / name / "latest.json").read_text())
         assert sorted(info["concepts"]) == [f"<{n}>" for n in names]
-    log = (tmp_path / "log").read_text()
+    log = demo_run.log
     assert "SuperLink" in log
     # it ends with the concepts composed side by side and the detector's verdict
     with Image.open(out / "composed.png") as composed:
