@@ -178,6 +178,12 @@ def test_the_api_refuses_a_model_for_another_base_and_keeps_the_open_one(api, co
     assert status == 400 and "--scene" in data["error"]
     status, data = _post(f"{api}/api/condition", b"not an image")
     assert status == 400 and "not an image" in data["error"]
+    buf = io.BytesIO()
+    Image.new("L", (16, 8), 255).save(buf, format="PNG")
+    status, data = _post(f"{api}/api/condition", buf.getvalue())
+    assert status == 200
+    with Image.open(data["path"]) as kept:
+        assert kept.size == (16, 8) and kept.mode == "RGB"
     status, data = _post(f"{api}/api/render", {"scene": {"prompt": "a <dog1>"}, "grid": 99})
     assert status == 400 and "grid" in data["error"]
 

@@ -4,7 +4,7 @@
 
 const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"];
 const $ = (id) => document.getElementById(id);
-const state = { model: null, boxes: [], focused: null, drag: null, result: null, adapterImage: "" };
+const state = { model: null, boxes: [], focused: null, drag: null, result: null, adapterImage: "", adapterName: "adapter" };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -85,14 +85,14 @@ function numberOr(id, fallback) {
 function scene() {
   const adapters = [];
   if ($("adapter-model").value.trim() || state.adapterImage) {
-    adapters.push({ name: "adapter", model: $("adapter-model").value.trim(), image: state.adapterImage,
+    adapters.push({ name: state.adapterName, model: $("adapter-model").value.trim(), image: state.adapterImage,
                     weight: numberOr("adapter-weight", 1.0) });
   }
   return {
     prompt: $("prompt").value,
     negative_prompt: $("negative").value,
     regions: state.boxes.map((b) => ({ prompt: b.prompt, negative_prompt: b.negative_prompt, box: b.box,
-                                       adapter_weights: b.adapter_weights || {} })),
+                                       adapter_weights: adapters.length ? (b.adapter_weights || {}) : {} })),
     adapters,
     seed: numberOr("seed", 0),
     steps: numberOr("steps", 25),
@@ -121,6 +121,10 @@ function setScene(s) {
   $("adapter-model").value = a ? a.model : "";
   $("adapter-weight").value = a ? a.weight : 1.0;
   state.adapterImage = a ? a.image : "";
+  state.adapterName = a ? a.name : "adapter";
+  if ((s.adapters || []).length > 1) {
+    showError(`this scene has ${s.adapters.length} adapters; the studio keeps the first (${a.name}): render the others with mos-sample --scene`);
+  }
   $("adapter-image-path").textContent = state.adapterImage;
   resizeCanvas();
   renderBoxes();
@@ -146,6 +150,12 @@ function renderBoxes() {
       input.addEventListener("change", () => { b.box[k] = Number(input.value); drawCanvas(); });
       coords.append(input);
     });
+    const aw = el("input", { type: "number", step: "0.1", class: "box-adapter-weight",
+                             placeholder: "adapter weight in this box (default: its weight)",
+                             value: b.adapter_weights && state.adapterName in b.adapter_weights ? b.adapter_weights[state.adapterName] : "" });
+    aw.addEventListener("change", () => {
+      b.adapter_weights = aw.value.trim() === "" ? {} : { [state.adapterName]: Number(aw.value) };
+    });
     const chips = el("div", { class: "chips" });
     for (const c of (state.model ? state.model.concepts : [])) {
       chips.append(el("span", { class: "chip", onclick: () => { state.focused = prompt; insertToken(c.token); } }, c.token));
@@ -153,7 +163,7 @@ function renderBoxes() {
     list.append(el("div", { class: "box", style: `border-color:${color}` },
       el("div", { class: "row" }, el("b", {}, `box ${i + 1}`),
         el("button", { class: "delete-box", onclick: () => { state.boxes.splice(i, 1); renderBoxes(); } }, "remove")),
-      prompt, chips, negative, el("label", {}, "x0, y0, x1, y1 (fractions)"), coords));
+      prompt, chips, negative, el("label", {}, "x0, y0, x1, y1 (fractions)"), coords, aw));
   });
   drawCanvas();
 }
