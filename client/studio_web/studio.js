@@ -180,7 +180,7 @@ function resizeCanvas() {
 function drawCanvas() {
   const c = $("canvas"), ctx = c.getContext("2d");
   ctx.clearRect(0, 0, c.width, c.height);
-  if (state.result && state.result.complete && state.result.naturalWidth) {
+  if (state.result && state.result.complete && state.result.naturalWidth && state.resultSingle) {
     ctx.globalAlpha = 0.55;
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(state.result, 0, 0, c.width, c.height);
@@ -280,6 +280,7 @@ async function render() {
     $("status").textContent = `rendered in ${job.seconds} s`;
     await showCommand();
     const img = $("result");
+    state.resultSingle = numberOr("grid", 1) === 1;  // a single image lies under the boxes
     img.onload = () => { state.result = img; drawCanvas(); };
     img.src = job.image;
     img.dataset.job = job.id;
