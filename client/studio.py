@@ -52,6 +52,7 @@ log = logging.getLogger("mos.studio")
 WEB = Path(__file__).with_name("studio_web")
 MAX_UPLOAD = 16 * 1024 * 1024
 THUMB_STEPS = 20
+MAX_JOBS = 64  # renders kept for the page to fetch
 # what a user can get wrong: shown in the page as one line, never a traceback
 USER_ERRORS = (
     UsageError,
@@ -222,6 +223,8 @@ class Studio:
         scene = self.scene(data.get("scene") if isinstance(data, dict) else None)
         grid = _grid(data)
         job = Job(uuid.uuid4().hex[:12], scene, grid, total=grid * scene.steps)
+        for old in [j for j in self.jobs.values() if j.state != "running"][: -MAX_JOBS + 1]:
+            del self.jobs[old.id]  # keep the latest renders only
         self.jobs[job.id] = job
         job.thread = threading.Thread(target=self._render, args=(job,), daemon=True)
         job.thread.start()
