@@ -102,8 +102,8 @@ def read_lora_file(
     if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         raise LoraFormatError(
             f"{path}: a pickled file; this project never unpickles files. Convert it to "
-            "safetensors where you trust it (e.g. kohya's `convert_lora` or "
-            "`safetensors.torch.save_file(torch.load(f), ...)`) and import that"
+            ".safetensors with the tool that made it (kohya sd-scripts and diffusers both "
+            "save safetensors) and import that"
         )
     size = path.stat().st_size
     if size > max_bytes:
