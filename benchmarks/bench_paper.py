@@ -2,6 +2,9 @@
 
     python benchmarks/bench_paper.py                          # 3 toy concepts, ~15 min, 2 cores
     python benchmarks/bench_paper.py --concepts checker house --samples 4   # smoke
+    python benchmarks/bench_paper.py --conv-rank 16 --steps 1000 --fuse-n 2 5 8 \
+        --concepts checker ring halfmoon flag house swiss diamond mushroom
+    python benchmarks/bench_paper.py --solvers-only --lbfgs-unet-iterations 50 500 2000
 
 For the concepts (toy world, photos made by ``toyworld``):
 
@@ -9,13 +12,15 @@ For the concepts (toy world, photos made by ``toyworld``):
    base) and ``--preset toy-paper`` (the authors' recipe, same learning rates and length);
    identity (detector score and detection rate of "a photo of a <TOK>" samples) of each
    single-concept model;
-2. fusion variants on the same packages: the project's defaults, ``paper`` (the authors'
-   fusion), and ``paper`` with one of its settings at the project's value at a time; for
+2. fusion variants on the same packages, for the first N concepts for each ``--fuse-n``:
+   the project's defaults, ``paper`` (the authors' fusion), weight fusion, and (at the
+   largest N) ``paper`` with one of its settings at the project's value at a time; for
    each, the least-squares objective per stage, the mean UNet drift (``mos-fuse``'s report)
    and the identity of each concept in the fused model;
-3. the solvers: ``paper`` fused with the exact solve and with the authors' L-BFGS
-   (``solver lbfgs``, their iterations, tolerances and best iterate) in one run: objective
-   and wall time per stage;
+3. the solvers, on the first three concepts: ``paper`` fused with the exact solve and with
+   the authors' L-BFGS (``solver lbfgs``, their tolerances and best iterate; their 50 UNet
+   iterations, and as many more as ``--lbfgs-unet-iterations`` asks, to see where it
+   converges) in one run: objective and wall time per stage;
 4. fusion against plain sampling: the gradient fusion's wall time over the time to sample
    the same N concept models for the same steps at the same size (the least any method
    that samples the concepts costs).
@@ -151,6 +156,22 @@ def main() -> None:
     p.add_argument(
         "--tuning-ablations", action="store_true", help="only: the paper tuning, one setting off"
     )
+    p.add_argument(
+        "--fuse-n",
+        type=int,
+        nargs="+",
+        help="fuse the first N concepts, for each N (default: all of them)",
+    )
+    p.add_argument(
+        "--lbfgs-unet-iterations",
+        type=int,
+        nargs="+",
+        default=[50],
+        help="L-BFGS iterations on the UNet spatial layers to compare (the authors': 50)",
+    )
+    p.add_argument(
+        "--solvers-only", action="store_true", help="only: tune toy-paper, compare the solvers"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/paper"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -164,6 +185,8 @@ def main() -> None:
         "tuning": {},
         "fusion": {},
     }
+    fuse_n = sorted({min(n, len(names)) for n in (args.fuse_n or [len(names)]) if n >= 1})
+    results["fuse_n"] = fuse_n
 
     if args.tuning_ablations:
         ablations: dict[str, dict] = {}
@@ -195,9 +218,12 @@ def main() -> None:
         print("\n".join(lines))
         return
 
-    packages = {}
-    for preset in ("toy", "toy-paper"):
+    packages: dict[str, list[ConceptPackage]] = {}
+    presets = ("toy-paper",) if args.solvers_only else ("toy", "toy-paper")
+    for preset in presets:
         packages[preset] = [tuned(n, preset, args.out, args.steps, args.conv_rank) for n in names]
+        if args.solvers_only:
+            continue
         single = {
             pkg.concept.name: concept_identity(
                 single_concept_pipeline(pkg), pkg.concept.name, args.samples
@@ -209,27 +235,43 @@ def main() -> None:
         }
         log.info("%s single: %s", preset, results["tuning"][preset])
 
-    for preset in ("toy", "toy-paper"):
-        variants = [(v, c, False) for v, c in fusion_variants().items()]
-        for variant, config, weight in [*variants, ("weight", FusionConfig(), True)]:
-            engine, row = fuse(packages[preset], config, weight)
-            result = row.pop("result")
-            fused = FusedModel.from_packages(result.strategy, result.factors, packages[preset])
-            row["identity"] = identities(fused_pipeline(fused), names, args.samples)
-            results["fusion"][f"{preset} packages, {variant} fusion"] = row
-            log.info("%s / %s: drift %.3f", preset, variant, row["unet_drift"])
-            (args.out / "paper.json").write_text(json.dumps(results, indent=2, default=float))
+    for n in [] if args.solvers_only else fuse_n:
+        for preset in presets:
+            variants = [(v, c, False) for v, c in fusion_variants().items()]
+            if n != fuse_n[-1]:  # the one-setting-off variants at the largest N only
+                variants = [(v, c, w) for v, c, w in variants if v in ("project", "paper")]
+            for variant, config, weight in [*variants, ("weight", FusionConfig(), True)]:
+                group = packages[preset][:n]
+                engine, row = fuse(group, config, weight)
+                result = row.pop("result")
+                fused = FusedModel.from_packages(result.strategy, result.factors, group)
+                row["identity"] = identities(fused_pipeline(fused), names[:n], args.samples)
+                row["n"] = n
+                key = f"{preset} packages, {variant} fusion"
+                results["fusion"][key if len(fuse_n) == 1 else f"N = {n}, {key}"] = row
+                log.info("N = %d, %s / %s: drift %.3f", n, preset, variant, row["unet_drift"])
+                (args.out / "paper.json").write_text(json.dumps(results, indent=2, default=float))
 
-    # solvers, on the paper fusion of the paper packages
+    # solvers, on the paper fusion of the first three paper packages
     paper = FusionConfig(**load_preset("paper").fusion)
+    group = packages["toy-paper"][:3]
+    results["solver_concepts"] = [p.concept.name for p in group]
     solvers = {}
-    for solver in ("exact", "lbfgs"):
-        _, row = fuse(packages["toy-paper"], paper.model_copy(update={"solver": solver}))
+    runs = [("exact", {"solver": "exact"})] + [
+        (
+            "lbfgs" if k == 50 else f"lbfgs, {k} UNet iterations",
+            {"solver": "lbfgs", "lbfgs_iterations_unet": k},
+        )
+        for k in args.lbfgs_unet_iterations
+    ]
+    for label, update in runs:
+        _, row = fuse(group, paper.model_copy(update=update))
         row.pop("result")
-        solvers[solver] = row
-    results["solvers"] = solvers
-    plain = plain_sampling_seconds(packages["toy-paper"], paper)
-    results["plain_sampling_s"] = plain
+        solvers[label] = row
+        log.info("solver %s: %s", label, row["objective"])
+        results["solvers"] = solvers
+        (args.out / "paper.json").write_text(json.dumps(results, indent=2, default=float))
+    results["plain_sampling_s"] = plain_sampling_seconds(group, paper)
     (args.out / "paper.json").write_text(json.dumps(results, indent=2, default=float))
     (args.out / "paper.md").write_text(markdown(results))
     print(markdown(results))
@@ -251,24 +293,30 @@ def markdown(r: dict) -> str:
             f"| {key} | {row['unet_drift']:.3f} | "
             f"{_mean(ident, 'score'):.3f} / {_mean(ident, 'detected'):.0%} |"
         )
-    ex, lb = r["solvers"]["exact"], r["solvers"]["lbfgs"]
-    lines += ["", "| stage | exact objective | L-BFGS objective | gap | exact s | L-BFGS s |"]
-    lines += ["|---|---|---|---|---|---|"]
-    for stage in ("text", "kv", "spatial"):
-        e, b = ex["objective"][stage], lb["objective"][stage]
-        start = ex["objective"][f"{stage} (weight fusion)"]
-        lines.append(
-            f"| {stage} | {e:.6g} | {b:.6g} | {(b - e) / max(e, 1e-300):+.2%} of exact, "
-            f"{(b - e) / start:+.2e} of weight fusion's | {ex['timings'][stage]:.3f} | "
-            f"{lb['timings'][stage]:.3f} |"
-        )
-    lines += [
-        "",
-        f"Gradient fusion (exact) {ex['seconds']:.2f} s, L-BFGS {lb['seconds']:.2f} s "
-        f"({lb['seconds'] / ex['seconds']:.1f}x); sampling the {len(r['concepts'])} concept "
-        f"models alone for the same steps {r['plain_sampling_s']:.2f} s: fusion is "
-        f"{ex['seconds'] / r['plain_sampling_s']:.2f}x plain sampling.",
-    ]
+    ex = r["solvers"]["exact"]
+    lines += ["", "| stage | exact objective | L-BFGS | objective | gap | exact s | L-BFGS s |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for label, lb in r["solvers"].items():
+        if label == "exact":
+            continue
+        for stage in ("text", "kv", "spatial"):
+            e, b = ex["objective"][stage], lb["objective"][stage]
+            start = ex["objective"][f"{stage} (weight fusion)"]
+            lines.append(
+                f"| {stage} | {e:.6g} | {label} | {b:.6g} | {(b - e) / max(e, 1e-300):+.2%} of "
+                f"exact, {(b - e) / start:+.2e} of weight fusion's | {ex['timings'][stage]:.3f} | "
+                f"{lb['timings'][stage]:.3f} |"
+            )
+    lb = r["solvers"].get("lbfgs")
+    if lb is not None and "plain_sampling_s" in r:
+        k = len(r.get("solver_concepts", r["concepts"]))
+        lines += [
+            "",
+            f"Gradient fusion (exact) {ex['seconds']:.2f} s, L-BFGS {lb['seconds']:.2f} s "
+            f"({lb['seconds'] / ex['seconds']:.1f}x); sampling the {k} concept "
+            f"models alone for the same steps {r['plain_sampling_s']:.2f} s: fusion is "
+            f"{ex['seconds'] / r['plain_sampling_s']:.2f}x plain sampling.",
+        ]
     return "\n".join(lines) + "\n"
 
 
