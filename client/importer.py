@@ -218,7 +218,16 @@ def import_lora(
     )
     training = {**report.to_dict(), "file_sha256": digest(tensors)}
     package = ConceptPackage(
-        concept, rank, emb, lora, base.fingerprint, base.source, training, {}, conv_rank
+        concept,
+        rank,
+        emb,
+        lora,
+        base.fingerprint,
+        base.source,
+        training,
+        {},
+        conv_rank,
+        base.architecture,
     )
     package.check_against(base)
     return package, report
@@ -249,6 +258,7 @@ def rebase_package(
         {**package.training, "trained_on": trained_on},
         package.metrics,
         package.conv_rank,
+        base.architecture,
     )
 
 

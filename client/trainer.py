@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 
 from ..common.attention import AttentionMapRecorder, layerwise_cross_attention
 from ..common.base import BaseModel, BaseModelError, denoising_target
-from ..common.concepts import Concept, ConceptTable, encode_prompts, tokenize
+from ..common.concepts import Concept, ConceptTable, encode_text, tokenize
 from ..common.config import TrainConfig
 from ..common.edlora import add_concept_tokens, initial_embeddings, trainable_rows
 from ..common.lora import UNET_CONV_TARGETS, LoRALayer, inject_lora, lora_state_dict
 from ..common.package import ConceptPackage
+from ..common.text import added_conditions
 from .data import (
     PLACEHOLDER,
     Photo,
@@ -108,14 +109,13 @@ def denoising_loss(
     num_layers = base.num_cross_attention_layers
     total = 0.0
     with layerwise_cross_attention(base.unet):
-        context = encode_prompts(
-            base.text_encoder, base.tokenizer, [caption] * len(photos), concepts, num_layers
-        )
+        context, pooled = encode_text(base.text, [caption] * len(photos), concepts, num_layers)
+        added = added_conditions(pooled, resolution, resolution)
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=gen).to(base.device)
             tt = torch.full((len(photos),), t, device=base.device)
             noisy = base.noise_scheduler.add_noise(latents, noise, tt)
-            pred = base.unet(noisy, tt, encoder_hidden_states=context).sample
+            pred = base.unet(noisy, tt, encoder_hidden_states=context, **added).sample
             target = denoising_target(base.noise_scheduler, latents, noise, tt)
             total += float(F.mse_loss(pred.float(), target))
     return total / len(timesteps)
@@ -253,7 +253,7 @@ class TrainingData:
 class Adapters:
     """The LoRA layers injected for tuning, and their parameters per learning rate."""
 
-    text_prefix: str
+    text_prefixes: list[tuple[str, torch.nn.Module]]  # (key prefix, text encoder)
     text_params: list[torch.nn.Parameter]
     unet_params: list[torch.nn.Parameter]
     kv_layers: list[LoRALayer] = field(default_factory=list)  # attn2 to_k / to_v
@@ -320,15 +320,22 @@ def prepare_data(
 
 
 def inject_adapters(base: BaseModel, config: TrainConfig) -> Adapters:
-    """Rank-``rank`` LoRA on the text encoder and the UNet's attention, and with
-    ``conv_rank`` on the up blocks' ResNet convolutions (in this order: the global RNG
+    """Rank-``rank`` LoRA on the text encoder(s) (SDXL: both) and the UNet's attention, and
+    with ``conv_rank`` on the up blocks' ResNet convolutions (in this order: the global RNG
     draws their initial values)."""
-    te_prefix, _, te_targets = base.lora_components()[0]
+    components = base.lora_components()
+    text = [
+        (prefix, model, targets) for prefix, model, targets in components if model is not base.unet
+    ]
+    unet_targets = next(targets for _, model, targets in components if model is base.unet)
+    te_layers: dict[str, LoRALayer] = {}
     with _rank_fits("--rank", config.rank):
-        te_layers = inject_lora(base.text_encoder, te_targets, config.rank, config.lora_dropout)
-        unet_layers = inject_lora(
-            base.unet, base.lora_components()[1][2], config.rank, config.lora_dropout
-        )
+        for prefix, model, targets in text:
+            for name, layer in inject_lora(
+                model, targets, config.rank, config.lora_dropout
+            ).items():
+                te_layers[f"{prefix}.{name}"] = layer
+        unet_layers = inject_lora(base.unet, unet_targets, config.rank, config.lora_dropout)
     if config.conv_rank:
         with _rank_fits("--conv-rank", config.conv_rank):
             unet_layers |= inject_lora(
@@ -343,7 +350,8 @@ def inject_adapters(base: BaseModel, config: TrainConfig) -> Adapters:
         for name, layer in unet_layers.items()
         if ".attn2." in f".{name}" and name.endswith(("to_k", "to_v"))
     ]
-    return Adapters(te_prefix, params(te_layers), params(unet_layers), kv)
+    prefixes = [(prefix, model) for prefix, model, _ in text]
+    return Adapters(prefixes, params(te_layers), params(unet_layers), kv)
 
 
 def make_optimizer(
@@ -424,13 +432,16 @@ def step_loss(
         for layer, dropped in zip(kv_layers, off.tolist(), strict=True):
             layer.scale = 0.0 if dropped else 1.0
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        hidden = base.text_encoder(batch_ids.flatten(0, 1))[0]
+        hidden, pooled = base.text(batch_ids.flatten(0, 1))
         hidden = hidden.view(config.batch_size, data.copies, *hidden.shape[1:])
+        if pooled is not None:  # SDXL: one pooled embedding per image, the layer copies' mean
+            pooled = pooled.view(config.batch_size, data.copies, -1).mean(dim=1)
         if data.copies == 1:
             hidden = hidden[:, 0]
         if recorder is not None:
             recorder.clear()
-        pred = base.unet(noisy, t, encoder_hidden_states=hidden).sample
+        added = added_conditions(pooled, data.resolution, data.resolution)
+        pred = base.unet(noisy, t, encoder_hidden_states=hidden, **added).sample
     err = (pred.float() - target.float()) ** 2
     subject_loss = data.use_masks and config.mask_loss
     if area is not None:  # the canvas: the loss counts on the photo only (and its mask)
@@ -512,7 +523,8 @@ def _train(
     )
     if gc:
         base.unet.enable_gradient_checkpointing()
-        base.text_encoder.gradient_checkpointing_enable({"use_reentrant": False})
+        for encoder in base.text_encoders():
+            encoder.gradient_checkpointing_enable({"use_reentrant": False})
     amp = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     use_attn_reg = data.use_masks and config.attention_reg_weight > 0
@@ -521,11 +533,12 @@ def _train(
     losses: list[float] = []
     frozen_at: int | None = None
     start = time.perf_counter()
-    base.text_encoder.train()
+    for encoder in base.text_encoders():
+        encoder.train()
     base.unet.train()
     try:
         with (
-            trainable_rows(base.text_encoder, ids) as rows,
+            trainable_rows(base.text_encoders(), ids) as rows,
             layerwise_cross_attention(
                 base.unet,
                 config.kv_dropout if config.kv_dropout_mode == "features" else 0.0,
@@ -568,11 +581,13 @@ def _train(
                     on_step(step, value)
             trained = rows.rows.detach().clone()
     finally:
-        base.text_encoder.eval()
+        for encoder in base.text_encoders():
+            encoder.eval()
         base.unet.eval()
         if gc:
             base.unet.disable_gradient_checkpointing()
-            base.text_encoder.gradient_checkpointing_disable()
+            for encoder in base.text_encoders():
+                encoder.gradient_checkpointing_disable()
         for param in adapters.text_params + adapters.unet_params:
             param.requires_grad_(False)
         for layer in adapters.kv_layers:
@@ -586,11 +601,16 @@ def _train(
         conv_rank=config.conv_rank,
         embeddings=embeddings,
         lora={
-            **lora_state_dict(base.text_encoder, adapters.text_prefix),
+            **{
+                k: v
+                for prefix, model in adapters.text_prefixes
+                for k, v in lora_state_dict(model, prefix).items()
+            },
             **lora_state_dict(base.unet, "unet"),
         },
         base_fingerprint=base.fingerprint,
         base_source=base.source,
+        architecture=base.architecture,
         training={**config.model_dump(), "resolution": resolution, "num_photos": len(photos)},
         metrics={
             "steps": config.steps,

@@ -193,17 +193,33 @@ def adapter_features(
 
 
 def check_adapter_fits(adapter: T2IAdapter, unet: UNet2DConditionModel, vae_factor: int) -> None:
-    """Refuse an adapter built for another UNet (channels per level, total downscale)."""
+    """Refuse an adapter built for another UNet (channels per level, total downscale).
+
+    SDXL adapters (``adapter_type="full_adapter_xl"``) give one more feature map than the
+    UNet has down blocks (the last, at the deepest width, is added in the mid block) and
+    start at twice the latent downscale (SDXL's first down block has no attention: its
+    residual is added after that block's downsampler)."""
     cfg = adapter.config
     unet_channels = list(unet.config.block_out_channels)
     channels = list(cfg.channels)
-    if channels != unet_channels[: len(channels)] or len(channels) != len(unet_channels):
+    xl_adapter = cfg.get("adapter_type") == "full_adapter_xl"
+    xl_unet = unet.config.get("addition_embed_type") == "text_time"
+    if xl_adapter != xl_unet:
+        kind, other = ("an SDXL", "an SD 1.x/2.x") if xl_adapter else ("an SD 1.x/2.x", "an SDXL")
         raise AdapterError(
-            f"this adapter has channels {channels}; the UNet's down blocks have {unet_channels}: "
-            "it was made for another base model"
+            f"this is {kind} T2I-Adapter ({cfg.get('adapter_type')}); the base model is "
+            f"{other} model: use an adapter made for the base's architecture"
         )
-    if int(cfg.downscale_factor) != vae_factor:
+    want_channels = unet_channels + [unet_channels[-1]] if xl_adapter else unet_channels
+    want_factor = 2 * vae_factor if xl_adapter else vae_factor
+    if channels != want_channels:
         raise AdapterError(
-            f"this adapter downscales by {cfg.downscale_factor}; the base model's latents are "
-            f"1/{vae_factor} of the image: it was made for another base model"
+            f"this adapter has channels {channels}; the UNet's down blocks have {unet_channels} "
+            f"(an adapter for it has {want_channels}): it was made for another base model"
+        )
+    if int(cfg.downscale_factor) != want_factor:
+        raise AdapterError(
+            f"this adapter downscales by {cfg.downscale_factor}; this base model needs "
+            f"{want_factor} (its latents are 1/{vae_factor} of the image): it was made for "
+            "another base model"
         )

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPTextModel
+
+from .text import TextEncoders
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 METHODS = ("edlora", "lora", "trigger")
@@ -214,22 +215,38 @@ def prompt_token_ids(
     return tokenize(tokenizer, [s for copies in per_layer for s in copies]), True
 
 
+def encode_text(
+    text: TextEncoders,
+    prompts: Sequence[str],
+    concepts: ConceptTable,
+    num_layers: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``([batch, num_layers, tokens, dim], pooled [batch, pooled_dim] or None)``: copy ``l``
+    of the text encoding for cross-attention layer ``l``, and for SDXL the pooled embedding.
+
+    Prompts without layer-wise concepts are encoded once and broadcast to every layer. A
+    prompt with layer-wise concepts has one pooled embedding per layer copy; the UNet takes
+    one per image, their mean (docs/method.md, SDXL).
+    """
+    ids, layerwise = prompt_token_ids(text.tokenizer, prompts, concepts, num_layers)
+    hidden, pooled = text(ids)
+    if not layerwise:
+        return hidden.unsqueeze(1).expand(-1, num_layers, -1, -1), pooled
+    hidden = hidden.view(len(prompts), num_layers, *hidden.shape[1:])
+    if pooled is not None:
+        pooled = pooled.view(len(prompts), num_layers, -1).mean(dim=1)
+    return hidden, pooled
+
+
 def encode_prompts(
-    text_encoder: CLIPTextModel,
-    tokenizer,
+    text: TextEncoders,
     prompts: Sequence[str],
     concepts: ConceptTable,
     num_layers: int,
 ) -> torch.Tensor:
-    """``[batch, num_layers, tokens, dim]`` text encodings, copy ``l`` for layer ``l``.
-
-    Prompts without layer-wise concepts are encoded once and broadcast to every layer.
-    """
-    ids, layerwise = prompt_token_ids(tokenizer, prompts, concepts, num_layers)
-    hidden = text_encoder(ids.to(text_encoder.device))[0]
-    if not layerwise:
-        return hidden.unsqueeze(1).expand(-1, num_layers, -1, -1)
-    return hidden.view(len(prompts), num_layers, *hidden.shape[1:])
+    """``[batch, num_layers, tokens, dim]`` text encodings, copy ``l`` for layer ``l``
+    (``encode_text`` without the pooled embedding)."""
+    return encode_text(text, prompts, concepts, num_layers)[0]
 
 
 def concept_token_ids(tokenizer, concept: Concept) -> list[int]:

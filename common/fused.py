@@ -232,7 +232,7 @@ class FusedModel:
 def merge_into(base: BaseModel) -> None:
     """Fold every LoRA adapter of ``base`` into its weights (the adapters disappear)."""
     with torch.no_grad():
-        for model in (base.text_encoder, base.unet):
+        for model in (*base.text_encoders(), base.unet):
             remove_lora(model, merge=True)
 
 

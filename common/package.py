@@ -9,7 +9,11 @@ Tensors
 Header metadata (all strings)
     ``format`` = ``mix-of-show/concept``, ``format_version``, ``concept`` (``<dog1>``),
     ``words`` (JSON list), ``class_word``, ``method``, ``rank``, ``conv_rank``, ``num_layers``,
-    ``base_fingerprint``, ``base_source``, ``training`` (JSON), ``metrics`` (JSON)
+    ``base_fingerprint``, ``base_source``, ``architecture`` (``sd1``, ``sd2``, ``sdxl``; older
+    packages lack it), ``training`` (JSON), ``metrics`` (JSON)
+
+SDXL packages also carry ``text_encoder_2.<path>...`` adapters, and their embeddings are
+both encoders' rows side by side (``dim`` = the two widths added).
 
 Files are written atomically (temporary file + rename): an interrupted write leaves nothing.
 ``ConceptPackage.load`` validates everything it can without a base; ``check_against``
@@ -29,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .base import BaseModel
+from .base import ARCHITECTURE_NAMES, BaseModel
 from .checksum import digest
 from .concepts import Concept, ConceptError
 from .edlora import add_concept_tokens, write_embeddings
@@ -43,6 +47,7 @@ from .lora import (
     target_layer_names,
 )
 from .safecheck import HeaderError, check_header
+from .text import SDXL
 
 FORMAT = "mix-of-show/concept"
 FORMAT_VERSION = 1  # packages with convolution adapters are version 2 (older builds refuse them)
@@ -78,6 +83,15 @@ class ConceptPackage:
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     conv_rank: int = 0  # rank of the ResNet-convolution adapters (0: none, the paper's ED-LoRA)
+    architecture: str = ""  # the base's (BaseModel.architecture); "" in older packages
+
+    @property
+    def tuned_for(self) -> str:
+        """The architecture the package was tuned for: as recorded, else told by its
+        adapters (``sdxl`` when it has a second text encoder's, else ``sd``: SD 1.x or 2.x)."""
+        if self.architecture:
+            return self.architecture
+        return SDXL if any(k.startswith("text_encoder_2.") for k in self.lora) else "sd"
 
     def renamed(self, name: str) -> ConceptPackage:
         """The same concept under another name (its tokens follow the name; the tensors,
@@ -99,6 +113,7 @@ class ConceptPackage:
             "trigger": c.trigger,
             "base_fingerprint": self.base_fingerprint,
             "base_source": self.base_source,
+            "architecture": self.architecture,
             "training": json.dumps(self.training, sort_keys=True),
             "metrics": json.dumps(self.metrics, sort_keys=True),
         }
@@ -211,7 +226,7 @@ class ConceptPackage:
         lora = {k: v for k, v in tensors.items() if k != "embeddings"}
         for key, t in lora.items():
             prefix = key.split(".", 1)[0]
-            if prefix not in ("text_encoder", "unet") or not (
+            if prefix not in ("text_encoder", "text_encoder_2", "unet") or not (
                 key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")
             ):
                 raise fail(f"unexpected tensor {key}")
@@ -241,10 +256,20 @@ class ConceptPackage:
             training=training,
             metrics=metrics,
             conv_rank=conv_rank,
+            architecture=meta.get("architecture", ""),
         )
 
     def check_against(self, base: BaseModel, *, check_fingerprint: bool = True) -> None:
         """Refuse a package that was trained on another base or does not fit its shapes."""
+        tuned, arch = self.tuned_for, base.architecture
+        if tuned != arch and not (tuned == "sd" and arch != SDXL):
+            names = {**ARCHITECTURE_NAMES, "sd": "SD 1.x/2.x"}
+            raise PackageError(
+                f"concept {self.concept.token} was tuned on an {names.get(tuned, tuned)} base "
+                f"({self.base_source or 'unknown'}); this base is {names[arch]} ({base.source}): "
+                "a concept package only fits the architecture it was tuned on, tune it again "
+                "on this base"
+            )
         if check_fingerprint and self.base_fingerprint != base.fingerprint:
             raise PackageError(
                 f"concept {self.concept.token} was trained on another base model "

@@ -30,12 +30,12 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .adapters import AdapterCondition, adapter_features, check_adapter_fits
 from .attention import cross_attention_layers, layerwise_cross_attention, regional_cross_attention
 from .base import BaseModel
-from .concepts import Concept, ConceptError, ConceptTable, encode_prompts
+from .concepts import Concept, ConceptError, ConceptTable, encode_prompts, encode_text
 from .files import atomic_write
 from .fused import PIPELINE_FILE, PIPELINE_SOURCE
 from .lora import lora_layers
@@ -48,6 +48,7 @@ from .regions import (
     view_stride,
     view_windows,
 )
+from .text import TextEncoders, added_conditions
 
 CONCEPTS_FILE = "concepts.json"  # the concept table beside model_index.json
 
@@ -55,7 +56,8 @@ CONCEPTS_FILE = "concepts.json"  # the concept table beside model_index.json
 class MixOfShowPipeline(DiffusionPipeline):
     """Text-to-image sampling with ED-LoRA concepts and regions (see the module docstring)."""
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["tokenizer_2", "text_encoder_2"]  # SDXL's second text encoder
 
     def __init__(
         self,
@@ -65,22 +67,47 @@ class MixOfShowPipeline(DiffusionPipeline):
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
         concept_table: list[dict] | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
     ) -> None:
         """``concept_table``: the concepts as ``model_index.json`` lists them (what
         ``Concept.to_dict`` writes), so that stock ``DiffusionPipeline.from_pretrained``
-        builds a pipeline that knows them."""
+        builds a pipeline that knows them. ``tokenizer_2`` / ``text_encoder_2``: SDXL's."""
         super().__init__()
         self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            tokenizer_2=tokenizer_2,
+            text_encoder_2=text_encoder_2,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.concepts = ConceptTable(Concept.from_dict(d) for d in concept_table or [])
-        _check_tokens(self.concepts, tokenizer, "this pipeline")
+        for tok in (tokenizer, tokenizer_2):
+            if tok is not None:
+                _check_tokens(self.concepts, tok, "this pipeline")
+
+    @property
+    def text(self) -> TextEncoders:
+        """The tokenizer(s) and text encoder(s) as one callable (``mos.common.text``)."""
+        return TextEncoders(
+            self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2
+        )
 
     @classmethod
     def from_base(cls, base: BaseModel, concepts: ConceptTable | None = None) -> MixOfShowPipeline:
         """A pipeline on ``base``'s components (shared, not copied) knowing ``concepts``."""
-        pipe = cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler)
+        pipe = cls(
+            base.vae,
+            base.text_encoder,
+            base.tokenizer,
+            base.unet,
+            base.scheduler,
+            tokenizer_2=base.tokenizer_2,
+            text_encoder_2=base.text_encoder_2,
+        )
         pipe.concepts = concepts if concepts is not None else ConceptTable()
         return pipe
 
@@ -113,7 +140,7 @@ class MixOfShowPipeline(DiffusionPipeline):
         """A diffusers folder (``model_index.json``, one folder per component) plus
         ``concepts.json``. Adapters must be merged first: a package's LoRA is saved as its
         concept package, a fused model with ``mos.common.fused.save_fused_folder``."""
-        if any(True for m in (self.text_encoder, self.unet) for _ in lora_layers(m)):
+        if any(True for m in (*self.text.encoders(), self.unet) for _ in lora_layers(m)):
             raise ValueError(
                 "this pipeline carries LoRA adapters, which a diffusers folder cannot hold: "
                 "save the concept package, or merge the adapters (save_fused_folder)"
@@ -145,7 +172,7 @@ class MixOfShowPipeline(DiffusionPipeline):
     @contextlib.contextmanager
     def lora_scale(self, scale: float | None) -> Iterator[None]:
         """Temporarily scale every LoRA adapter (0 = embeddings only; None = leave as is)."""
-        layers = [x for m in (self.text_encoder, self.unet) for _, x in lora_layers(m)]
+        layers = [x for m in (*self.text.encoders(), self.unet) for _, x in lora_layers(m)]
         saved = [layer.scale for layer in layers]
         try:
             if scale is not None:
@@ -159,20 +186,22 @@ class MixOfShowPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """``[batch, L, tokens, dim]`` for the UNet's L cross-attention layers."""
-        return encode_prompts(
-            self.text_encoder, self.tokenizer, prompts, self.concepts, self.num_layers
-        )
+        return encode_prompts(self.text, prompts, self.concepts, self.num_layers)
 
-    def _context(self, prompts: Sequence[str], region_prompts: Sequence[str]) -> torch.Tensor:
-        """``[batch, L, (1 + R) * tokens, dim]``: each prompt, then every region's prompt."""
-        cond = self.encode(prompts)
+    def _context(
+        self, prompts: Sequence[str], region_prompts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[batch, L, (1 + R) * tokens, dim]``: each prompt, then every region's prompt;
+        and (SDXL) the pooled embedding of each prompt (regions leave it as it is)."""
+        cond, pooled = encode_text(self.text, prompts, self.concepts, self.num_layers)
         if not region_prompts:
-            return cond
+            return cond, pooled
         reg = self.encode(region_prompts)  # [R, L, T, D]
         reg = reg.permute(1, 0, 2, 3).flatten(1, 2)  # [L, R*T, D]
-        return torch.cat([cond, reg.unsqueeze(0).expand(len(prompts), -1, -1, -1)], dim=2)
+        reg = reg.unsqueeze(0).expand(len(prompts), -1, -1, -1)
+        return torch.cat([cond, reg], dim=2), pooled
 
-    def _views(self, model_in, t, context, extra, views, view_regions) -> torch.Tensor:
+    def _views(self, model_in, t, context, extra, views, view_regions, pooled) -> torch.Tensor:
         """The UNet's prediction for a large latent, averaged over its windows (each with
         the regions inside it: the global prompt's tokens, then those regions')."""
         tokens = self.tokenizer.model_max_length
@@ -189,7 +218,11 @@ class MixOfShowPipeline(DiffusionPipeline):
                 if inside
                 else layerwise_cross_attention(self.unet)
             )
-            kwargs = {}
+            kwargs: dict[str, Any] = {}
+            if pooled is not None:  # SDXL: each window is an image of the window's size
+                _, _, vh, vw = view
+                f = self.vae_scale_factor
+                kwargs.update(added_conditions(pooled, vh * f, vw * f))
             if residuals is not None:
                 kwargs["down_intrablock_additional_residuals"] = [
                     crop_view(f, view, full) for f in residuals
@@ -257,7 +290,7 @@ class MixOfShowPipeline(DiffusionPipeline):
             adapters, [r.box for r in regions], width, height, self.device, self.unet.dtype
         )
         with self.lora_scale(lora_scale), layout.attention:
-            context = self._guided_context(
+            context, pooled = self._guided_context(
                 prompts, negatives, regions, num_images_per_prompt, guidance_scale
             )
             latents = self._initial_latents(
@@ -266,6 +299,7 @@ class MixOfShowPipeline(DiffusionPipeline):
             latents = self._denoise(
                 latents,
                 context,
+                pooled,
                 layout,
                 features,
                 num_inference_steps,
@@ -348,16 +382,30 @@ class MixOfShowPipeline(DiffusionPipeline):
         regions: list[Region],
         num_images_per_prompt: int,
         guidance_scale: float,
-    ) -> torch.Tensor:
-        """The text context of every image: ``[uncond; cond]`` with guidance, else cond."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text context of every image: ``[uncond; cond]`` with guidance, else cond; and
+        (SDXL) the pooled embeddings in the same order. SDXL with no negative prompt at all
+        guides against zeros, as ``StableDiffusionXLPipeline`` (``force_zeros_for_empty_prompt``)."""
         dtype = self.unet.dtype
-        cond = self._context(prompts, [r.prompt for r in regions])
+        cond, pooled = self._context(prompts, [r.prompt for r in regions])
         cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
+        if pooled is not None:
+            pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0).to(dtype)
         if guidance_scale <= 1.0:
-            return cond.to(dtype)
-        uncond = self._context(negatives, [r.negative_prompt for r in regions])
+            return cond.to(dtype), pooled
+        no_negatives = not any(
+            n.strip() for n in [*negatives, *(r.negative_prompt for r in regions)]
+        )
+        if pooled is not None and no_negatives:
+            return torch.cat([torch.zeros_like(cond), cond]).to(dtype), torch.cat(
+                [torch.zeros_like(pooled), pooled]
+            )
+        uncond, pooled_u = self._context(negatives, [r.negative_prompt for r in regions])
         uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0)
-        return torch.cat([uncond, cond]).to(dtype)
+        if pooled is not None and pooled_u is not None:
+            pooled_u = pooled_u.repeat_interleave(num_images_per_prompt, dim=0).to(dtype)
+            pooled = torch.cat([pooled_u, pooled])
+        return torch.cat([uncond, cond]).to(dtype), pooled
 
     def _initial_latents(
         self,
@@ -378,6 +426,7 @@ class MixOfShowPipeline(DiffusionPipeline):
         self,
         latents: torch.Tensor,
         context: torch.Tensor,
+        pooled: torch.Tensor | None,
         layout: _Layout,
         features: list[torch.Tensor],
         num_inference_steps: int,
@@ -404,9 +453,14 @@ class MixOfShowPipeline(DiffusionPipeline):
                     f.expand(n, -1, -1, -1) for f in features
                 ]
             if len(layout.views) == 1:
-                eps = self.unet(model_in, t, encoder_hidden_states=context, **extra).sample
+                f = self.vae_scale_factor
+                h, w = model_in.shape[-2] * f, model_in.shape[-1] * f
+                added = added_conditions(pooled, h, w)
+                eps = self.unet(model_in, t, encoder_hidden_states=context, **extra, **added).sample
             else:
-                eps = self._views(model_in, t, context, extra, layout.views, layout.view_regions)
+                eps = self._views(
+                    model_in, t, context, extra, layout.views, layout.view_regions, pooled
+                )
             if do_cfg:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)

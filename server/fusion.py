@@ -359,7 +359,7 @@ class FusionEngine:
         concept = self.packages[name].concept
         prompts = self.prompts_of(name)
         tok = self.base.tokenizer
-        hidden = encode_prompts(self.base.text_encoder, tok, prompts, self.table, self.num_layers)
+        hidden = encode_prompts(self.base.text, prompts, self.table, self.num_layers)
         ids = tokenize(tok, [self.table.expand(p, self.num_layers)[0] for p in prompts])
         concept_ids = torch.tensor(concept_token_ids(tok, concept))
         positions = kv_positions(ids, concept_ids, tok.eos_token_id, which)

@@ -25,9 +25,10 @@ import torch
 from PIL import Image
 
 from ..common.attention import layerwise_cross_attention
-from ..common.concepts import encode_prompts
+from ..common.concepts import encode_text
 from ..common.images import image_grid
 from ..common.pipeline import MixOfShowPipeline
+from ..common.text import added_conditions
 from .fusion import FusionEngine, FusionResult
 
 PLAIN_PROMPTS = ("a photo of a dog", "a red car on the street", "a cat on the beach")
@@ -76,14 +77,17 @@ def noise_predictions(
     with the adapters as currently set."""
     base = engine.base
     xs, ts, index = inputs
-    ctx = encode_prompts(
-        base.text_encoder, base.tokenizer, prompts, engine.table, engine.num_layers
-    )
+    ctx, pooled = encode_text(base.text, prompts, engine.table, engine.num_layers)
+    size = (xs.shape[-2] * base.vae_scale_factor, xs.shape[-1] * base.vae_scale_factor)
     out = []
     with layerwise_cross_attention(base.unet):
         for chunk in torch.arange(len(xs)).split(16):
-            c = ctx[index[chunk].to(ctx.device)].to(base.unet.dtype)
-            out.append(base.unet(xs[chunk], ts[chunk], encoder_hidden_states=c).sample.double())
+            rows = index[chunk].to(ctx.device)
+            c = ctx[rows].to(base.unet.dtype)
+            p = None if pooled is None else pooled[rows].to(base.unet.dtype)
+            added = added_conditions(p, *size)
+            pred = base.unet(xs[chunk], ts[chunk], encoder_hidden_states=c, **added).sample
+            out.append(pred.double())
     return torch.cat(out)
 
 

@@ -105,11 +105,7 @@ class TextEncoderStage(SolvedStage):
             positions = through_end_token(ids, tok.eos_token_id)
         with engine.recorder(self.part, positions=positions) as rec:
             encode_prompts(
-                engine.base.text_encoder,
-                engine.base.tokenizer,
-                engine.prompts_of(name),
-                engine.table,
-                engine.num_layers,
+                engine.base.text, engine.prompts_of(name), engine.table, engine.num_layers
             )
         return rec
 

@@ -57,7 +57,7 @@ def test_changing_layer_l_embedding_changes_only_layer_l_input(tiny):
     L = tiny.num_cross_attention_layers
 
     def encode():
-        return encode_prompts(tiny.text_encoder, tiny.tokenizer, ["a photo of a <dog1>"], table, L)
+        return encode_prompts(tiny.text, ["a photo of a <dog1>"], table, L)
 
     before = _kv_inputs(tiny, encode())
     changed = emb.clone()
@@ -146,8 +146,8 @@ def test_concept_names_are_case_insensitive(tiny):
     assert torch.equal(weight[ids], emb.reshape(len(ids), -1))
     table = ConceptTable([concept])
     L = tiny.num_cross_attention_layers
-    upper = encode_prompts(tiny.text_encoder, tiny.tokenizer, ["a photo of a <DOG1>"], table, L)
-    lower = encode_prompts(tiny.text_encoder, tiny.tokenizer, ["a photo of a <dog1>"], table, L)
+    upper = encode_prompts(tiny.text, ["a photo of a <DOG1>"], table, L)
+    lower = encode_prompts(tiny.text, ["a photo of a <dog1>"], table, L)
     assert torch.equal(upper, lower)
     # each layer's copy holds that layer's tokens, not the unknown-token id
     ids_l3 = tiny.tokenizer(table.expand("a <dog1>", L)[3]).input_ids

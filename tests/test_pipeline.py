@@ -46,7 +46,9 @@ def test_save_pretrained_and_from_pretrained_keep_the_concepts_and_the_samples(
     assert [c.token for c in back.concepts] == ["<dog1>"]
     torch.testing.assert_close(_sample(back), before, rtol=0, atol=1e-5)
     assert isinstance(back, DiffusionPipeline)
-    assert set(back.components) == {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}
+    sd = {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}
+    assert set(back.components) == sd | {"tokenizer_2", "text_encoder_2"}
+    assert back.components["text_encoder_2"] is None  # SDXL's, optional
 
 
 def test_a_concept_table_naming_tokens_the_tokenizer_lacks_is_refused(merged_pipe, tmp_path):

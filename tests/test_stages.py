@@ -67,8 +67,7 @@ def test_text_encoder_stage_records_the_concept_models_layer_inputs():
     x = _inputs_of(
         group.hook,
         lambda: encode_prompts(
-            engine.base.text_encoder,
-            engine.base.tokenizer,
+            engine.base.text,
             engine.prompts_of("dog1"),
             engine.table,
             engine.num_layers,

@@ -18,7 +18,8 @@ recognisably (the paper's ED-LoRA alone draws their colours, not their layout), 
 lands in its own box about as often as the fused model draws it alone; all three in the
 same image less often (benchmarks/RESULTS.md, toy world). The demo prints both.
 ``--base-model tiny`` runs it on the random-weight tiny model instead (three made-up
-concepts; every code path in seconds, samples are noise).
+concepts; every code path in seconds, samples are noise), ``--base-model tiny-sdxl`` on
+the random-weight SDXL-shaped one.
 """
 
 from __future__ import annotations
@@ -187,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--base-model",
         default="toy",
-        choices=("toy", "tiny"),
-        help="toy (the trained toy world, the default) or tiny (random weights: every code "
-        "path, noise for samples)",
+        choices=("toy", "tiny", "tiny-sdxl"),
+        help="toy (the trained toy world, the default), tiny (random weights: every code "
+        "path, noise for samples) or tiny-sdxl (the same on an SDXL-shaped model)",
     )
     args = p.parse_args(argv)
     if args.fusion_steps is not None and args.fusion_steps < 1:
