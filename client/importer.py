@@ -109,7 +109,8 @@ def _skipped_share(tensors: dict[str, torch.Tensor], imported: Imported, names: 
 
 def read_embedding(path: str | Path, dim: int) -> torch.Tensor:
     """A one-vector textual-inversion embedding ``[dim]`` from a safetensors file (A1111's
-    ``emb_params``, or diffusers' ``{token: vector}``)."""
+    ``emb_params``, or diffusers' ``{token: vector}``; SDXL's ``clip_l`` and ``clip_g``,
+    joined as this project's SDXL embeddings are)."""
     path = Path(path)
     if path.suffix.lower() in (".pt", ".bin", ".ckpt"):
         raise UsageError(f"--embedding {path}: a pickled file; give a .safetensors embedding")
@@ -118,6 +119,8 @@ def read_embedding(path: str | Path, dim: int) -> torch.Tensor:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise UsageError(f"--embedding {path}: not a readable safetensors file ({err})") from err
+    if set(tensors) == {"clip_l", "clip_g"}:
+        tensors = {"clip_l+clip_g": torch.cat([tensors["clip_l"], tensors["clip_g"]], dim=-1)}
     if len(tensors) != 1:
         raise UsageError(
             f"--embedding {path}: expected one embedding tensor, found {sorted(tensors)[:4]}"

@@ -82,8 +82,11 @@ def write_embeddings_files(
     embeddings: dict[str, torch.Tensor],
     out_dir: Path,
     report: ExportReport,
+    widths: Sequence[int] = (),
 ) -> None:
-    """One textual-inversion file per concept with its own token (see the module docstring)."""
+    """One textual-inversion file per concept with its own token (see the module docstring).
+    With two ``widths`` (SDXL) the file holds ``clip_l`` and ``clip_g``, each encoder's
+    share of the vectors, as SDXL textual-inversion files do."""
     for c in concepts:
         if c.method == "trigger":
             report.prompts[c.token] = c.trigger
@@ -91,12 +94,22 @@ def write_embeddings_files(
         vectors, spread = collapsed_embedding(c, embeddings[c.name])
         path = out_dir / "embeddings" / f"{c.name}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, partial(save_file, {"emb_params": vectors.contiguous()}))
+        if len(widths) == 2:
+            tensors = {
+                "clip_l": vectors[:, : widths[0]].contiguous(),
+                "clip_g": vectors[:, widths[0] :].contiguous(),
+            }
+            how = (
+                f"pipe.load_textual_inversion(state['clip_l'], token='{c.token}', "
+                "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer) and the same with "
+                "state['clip_g'], pipe.text_encoder_2, pipe.tokenizer_2"
+            )
+        else:
+            tensors = {"emb_params": vectors.contiguous()}
+            how = f"pipe.load_textual_inversion('{path.name}', token='{c.token}')"
+        atomic_write(path, partial(save_file, tensors))
         report.files.append(str(path))
-        report.prompts[c.token] = (
-            f"{c.name} (A1111: the embedding's file name); diffusers: "
-            f"pipe.load_textual_inversion('{path.name}', token='{c.token}')"
-        )
+        report.prompts[c.token] = f"{c.name} (A1111: the embedding's file name); diffusers: {how}"
         if c.layerwise:
             report.layer_spread[c.token] = spread
             report.lost.append(
@@ -136,7 +149,8 @@ def export_lora(
     report = ExportReport(files=[str(path)])
     if dtype != torch.float32:
         report.lost.append(f"factors rounded to {str(dtype).removeprefix('torch.')}")
-    write_embeddings_files(concepts, embeddings, out_dir, report)
+    widths = [int(m.config.hidden_size) for m in base.text_encoders()]
+    write_embeddings_files(concepts, embeddings, out_dir, report, widths)
     _write_report(out_dir / REPORT_FILE, report)
     return report
 
@@ -157,6 +171,12 @@ def export_single_file(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UsageError(f"{path}: a single-file checkpoint is written as .safetensors")
+    if merged.architecture == "sdxl":
+        raise UsageError(
+            "this base is SDXL: its single-file layout (conditioner.embedders.*) is not written "
+            "here; use the diffusers folder (StableDiffusionXLPipeline.from_pretrained reads it) "
+            "or a LoRA export (--format diffusers / kohya)"
+        )
     if merged.unet.config.get("use_linear_projection"):
         raise UsageError(
             "this base is SD 2.x-shaped (linear projections, OpenCLIP text encoder): its "

@@ -37,6 +37,12 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 MAX_LORA_BYTES = 2 << 30  # an SDXL LoRA at rank 128 is ~0.9 GB
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# SDXL files name the two text encoders te1 / te2
+KOHYA_SDXL_PREFIXES = {
+    "unet": "lora_unet_",
+    "text_encoder": "lora_te1_",
+    "text_encoder_2": "lora_te2_",
+}
 # (down, up) suffixes: PEFT's, and diffusers' earlier UNet and text-encoder names
 DIFFUSERS_PAIRS = (
     (".lora_A.weight", ".lora_B.weight"),
@@ -83,10 +89,15 @@ def base_layers(base: BaseModel, conv: bool = True) -> dict[str, Layer]:
     return out
 
 
-def kohya_name(key: str) -> str:
-    """``unet.down_blocks.0.attentions.0...to_out.0`` -> ``lora_unet_down_blocks_0_..._to_out_0``."""
+def kohya_name(key: str, sdxl: bool = False) -> str:
+    """``unet.down_blocks.0.attentions.0...to_out.0`` -> ``lora_unet_down_blocks_0_..._to_out_0``
+    (SDXL: ``text_encoder.`` -> ``lora_te1_``, ``text_encoder_2.`` -> ``lora_te2_``)."""
     prefix, path = key.split(".", 1)
-    return KOHYA_PREFIXES[prefix] + path.replace(".", "_")
+    return (KOHYA_SDXL_PREFIXES if sdxl else KOHYA_PREFIXES)[prefix] + path.replace(".", "_")
+
+
+def _sdxl_keys(keys) -> bool:
+    return any(k.startswith("text_encoder_2.") for k in keys)
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -118,12 +129,16 @@ def read_lora_file(
     return tensors, meta
 
 
-def detect_format(tensors: Mapping[str, torch.Tensor]) -> str:
+def detect_format(tensors: Mapping[str, torch.Tensor], sdxl_base: bool = False) -> str:
     """``kohya`` or ``diffusers``, from the key names; anything else is refused."""
     keys = list(tensors)
-    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
-        if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-            raise LoraFormatError("an SDXL LoRA (lora_te1_/lora_te2_ keys); this base is SD 1.x")
+    xl_file = any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys)
+    if xl_file and not sdxl_base:
+        raise LoraFormatError(
+            "an SDXL LoRA (lora_te1_/lora_te2_ keys); this base is SD 1.x/2.x: use it with an "
+            "SDXL base"
+        )
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
     if any(k.endswith(tuple(s for pair in DIFFUSERS_PAIRS for s in pair)) for k in keys):
         return "diffusers"
@@ -171,7 +186,8 @@ def _check_factors(
 
 def parse_kohya(tensors: Mapping[str, torch.Tensor], layers: Mapping[str, Layer]) -> Imported:
     """A kohya / A1111 LoRA (LoCon convolutions included) as a factor table at scale 1."""
-    by_name = {kohya_name(key): layer for key, layer in layers.items()}
+    sdxl = _sdxl_keys(layers)
+    by_name = {kohya_name(key, sdxl): layer for key, layer in layers.items()}
     names = sorted({k.split(".", 1)[0] for k in tensors})
     out = Imported("kohya", {})
     for name in names:
@@ -283,7 +299,7 @@ def parse_lora(
 ) -> Imported:
     """A kohya or diffusers LoRA for ``base`` as a factor table (format detected)."""
     layers = base_layers(base, conv=True)
-    fmt = detect_format(tensors)
+    fmt = detect_format(tensors, sdxl_base=base.architecture == "sdxl")
     if fmt == "kohya":
         return parse_kohya(tensors, layers)
     return parse_diffusers(tensors, meta, layers)
@@ -332,9 +348,10 @@ def to_kohya(
 ) -> dict[str, torch.Tensor]:
     """The tensors of a kohya / A1111 LoRA file (``alpha`` = rank, so scale 1)."""
     out = {}
+    sdxl = _sdxl_keys(layers)
     for key, (up, down) in factors.items():
         up, down = _shaped(layers[key], up, down)
-        name = kohya_name(key)
+        name = kohya_name(key, sdxl)
         out[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)

@@ -14,17 +14,21 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, T2IAdapter
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mos.client.cli import main as client_main
 from mos.client.data import load_photo_folder
+from mos.client.importer import import_lora
 from mos.client.sample import main as sample_main
 from mos.client.trainer import train_concept
 from mos.common.adapters import AdapterCondition, AdapterError, check_adapter_fits
 from mos.common.base import BaseModelError, build_tiny, build_tiny_sdxl, load_base_model
 from mos.common.concepts import ConceptTable
 from mos.common.config import TrainConfig
+from mos.common.export import export_lora
 from mos.common.fused import FusedModel
+from mos.common.lora_formats import LoraFormatError, package_factors
 from mos.common.package import ConceptPackage, PackageError, attach_package
 from mos.common.pipeline import MixOfShowPipeline
 from mos.common.regions import Region
@@ -276,3 +280,34 @@ def test_the_simulation_runs_the_federation_on_tiny_sdxl(tmp_path):
         package = ConceptPackage.load(out / "clients" / client / "package.safetensors")
         assert package.architecture == "sdxl"
         assert (out / "clients" / client / "latest.json").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_sdxl_loras_leave_and_come_back_in_kohya_and_diffusers_layouts(xl_packages, tmp_path, fmt):
+    pkg = xl_packages[0]
+    base = build_tiny_sdxl()
+    factors = package_factors(pkg.lora)
+    report = export_lora(
+        base, factors, [pkg.concept], {pkg.concept.name: pkg.embeddings}, tmp_path, fmt,
+        torch.float32,
+    )  # fmt: skip
+    lora_file = Path(report.files[0])
+    with safe_open(str(lora_file), framework="pt") as f:
+        keys = list(f.keys())  # noqa: SIM118
+    if fmt == "kohya":  # SDXL's names for the two text encoders
+        assert {k.split("_", 2)[1] for k in keys} == {"te1", "te2", "unet"}
+    else:
+        assert any(k.startswith("text_encoder_2.") for k in keys)
+    with safe_open(str(tmp_path / "embeddings" / "dog1.safetensors"), framework="pt") as f:
+        d1 = base.text_encoder.config.hidden_size
+        assert f.get_tensor("clip_l").shape == (2, d1)
+        assert f.get_tensor("clip_g").shape == (2, base.text_dim - d1)
+    back, _ = import_lora(base, lora_file, "back", trigger="a dog")
+    assert back.architecture == "sdxl"
+    again = package_factors(back.lora)
+    assert again.keys() == factors.keys()
+    for key, (up, down) in factors.items():
+        torch.testing.assert_close(again[key][0] @ again[key][1], up @ down, rtol=1e-5, atol=1e-6)
+    if fmt == "kohya":
+        with pytest.raises(LoraFormatError, match="SDXL LoRA"):
+            import_lora(build_tiny(), lora_file, "back", trigger="a dog")
