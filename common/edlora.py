@@ -159,7 +159,9 @@ def trainable_rows(
     """Swap in ``TrainableRows`` for the token embedding of each text encoder (SDXL: both,
     reading their columns of one parameter); on exit write the rows back. The first
     encoder's module is yielded; its ``rows`` is the parameter to train."""
-    encoders = [text_encoders] if isinstance(text_encoders, nn.Module) else list(text_encoders)
+    encoders: list[CLIPTextModel] = (
+        [text_encoders] if isinstance(text_encoders, CLIPTextModel) else list(text_encoders)
+    )
     originals = [e.get_input_embeddings() for e in encoders]
     widths = [int(o.weight.shape[1]) for o in originals]
     rows = nn.Parameter(

@@ -171,13 +171,8 @@ def export_single_file(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UsageError(f"{path}: a single-file checkpoint is written as .safetensors")
-    if merged.architecture == "sdxl":
-        raise UsageError(
-            "this base is SDXL: its single-file layout (conditioner.embedders.*) is not written "
-            "here; use the diffusers folder (StableDiffusionXLPipeline.from_pretrained reads it) "
-            "or a LoRA export (--format diffusers / kohya)"
-        )
-    if merged.unet.config.get("use_linear_projection"):
+    xl = merged.architecture == "sdxl"
+    if not xl and merged.unet.config.get("use_linear_projection"):
         raise UsageError(
             "this base is SD 2.x-shaped (linear projections, OpenCLIP text encoder): its "
             "single-file layout (cond_stage_model.model.*) is not written here; use the "
@@ -186,13 +181,22 @@ def export_single_file(
     path.parent.mkdir(parents=True, exist_ok=True)
     vocab = base_vocab_size(merged, concepts)
     state = ldm_state_dict(merged)
-    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-    state[key] = state[key][:vocab]
+    keys = (
+        [
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+            "conditioner.embedders.1.model.token_embedding.weight",
+        ]
+        if xl
+        else ["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
+    )
+    for key in keys:
+        state[key] = state[key][:vocab]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     report = ExportReport(files=[str(path)])
     side = path.with_name(path.stem + "-embeddings")
-    write_embeddings_files(concepts, embeddings, side, report)
+    widths = [int(m.config.hidden_size) for m in merged.text_encoders()]
+    write_embeddings_files(concepts, embeddings, side, report, widths)
     _write_report(path.with_name(path.stem + "-" + REPORT_FILE), report)
     return report
 

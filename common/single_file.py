@@ -1,9 +1,11 @@
-"""Export a base model as a single-file SD 1.x checkpoint (original LDM key names).
+"""Export a base model as a single-file SD 1.x or SDXL checkpoint (original key names).
 
 The format people download from model sites: ``model.diffusion_model.*`` (UNet),
-``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.*`` (CLIP). We write it
-so a fused model can leave the project in that format, and so single-file *loading* is
-tested without downloads: export the tiny model, load it back with diffusers'
+``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.*`` (CLIP); SDXL:
+``conditioner.embedders.0.transformer.*`` (CLIP ViT-L) and ``conditioner.embedders.1.model.*``
+(OpenCLIP bigG: fused ``in_proj`` attention, ``text_projection`` as ``[width, proj]``). We
+write it so a fused model can leave the project in that format, and so single-file
+*loading* is tested without downloads: export the tiny model, load it back with diffusers'
 ``from_single_file`` and compare.
 
 The key map follows the SD 1.x layout for any ``layers_per_block`` and number of blocks.
@@ -53,7 +55,11 @@ def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[s
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         new = key
-        if key.startswith("time_embedding.linear_1."):
+        if key.startswith("add_embedding.linear_1."):  # SDXL's pooled + time-id embedding
+            new = "label_emb.0.0." + key.split(".", 2)[2]
+        elif key.startswith("add_embedding.linear_2."):
+            new = "label_emb.0.2." + key.split(".", 2)[2]
+        elif key.startswith("time_embedding.linear_1."):
             new = "time_embed.0." + key.split(".", 2)[2]
         elif key.startswith("time_embedding.linear_2."):
             new = "time_embed.2." + key.split(".", 2)[2]
@@ -128,12 +134,49 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``CLIPTextModelWithProjection`` keys -> OpenCLIP keys under ``prefix`` (SDXL's
+    second text encoder)."""
+    state = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+             for k, v in state.items() if not k.endswith("position_ids")}  # fmt: skip
+    out = {
+        "positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
+        "token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
+        "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
+        "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
+        "text_projection": state.pop("text_projection.weight").T.contiguous(),
+    }
+    layers = sorted(
+        {int(m[1]) for k in state if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
+    )
+    pairs = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+             ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]  # fmt: skip
+    for i in layers:
+        src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
+            for old, new in pairs:
+                out[f"{dst}{new}.{kind}"] = state.pop(f"{src}{old}.{kind}")
+    if state:
+        raise KeyError(f"no OpenCLIP name for text-encoder keys {sorted(state)[:3]}")
+    return {prefix + k: v for k, v in out.items()}
+
+
 def ldm_state_dict(base: BaseModel) -> dict[str, torch.Tensor]:
-    """The whole base in original SD 1.x checkpoint layout."""
+    """The whole base in original SD 1.x (or SDXL) checkpoint layout."""
     state = {}
     state.update(unet_to_ldm(base.unet.state_dict(), base.unet.config.layers_per_block))
     state.update(vae_to_ldm(base.vae.state_dict()))
-    state.update(text_encoder_to_ldm(base.text_encoder.state_dict()))
+    te = text_encoder_to_ldm(base.text_encoder.state_dict())
+    if base.text_encoder_2 is None:
+        state.update(te)
+        return state
+    first = "conditioner.embedders.0.transformer."
+    state.update({first + k[len("cond_stage_model.transformer.") :]: v for k, v in te.items()})
+    state.update(
+        open_clip_to_ldm(base.text_encoder_2.state_dict(), "conditioner.embedders.1.model.")
+    )
     return state
 
 

@@ -46,7 +46,7 @@ class TextEncoders:
         """Width of the hidden states the UNet's cross-attention reads."""
         return sum(int(m.config.hidden_size) for m in self.encoders())
 
-    def encoders(self) -> Iterator[torch.nn.Module]:
+    def encoders(self) -> Iterator[CLIPTextModel | CLIPTextModelWithProjection]:
         yield self.text_encoder
         if self.text_encoder_2 is not None:
             yield self.text_encoder_2

@@ -26,12 +26,13 @@ from mos.common.adapters import AdapterCondition, AdapterError, check_adapter_fi
 from mos.common.base import BaseModelError, build_tiny, build_tiny_sdxl, load_base_model
 from mos.common.concepts import ConceptTable
 from mos.common.config import TrainConfig
-from mos.common.export import export_lora
-from mos.common.fused import FusedModel
+from mos.common.export import export_lora, export_single_file
+from mos.common.fused import FusedModel, merge_into
 from mos.common.lora_formats import LoraFormatError, package_factors
 from mos.common.package import ConceptPackage, PackageError, attach_package
 from mos.common.pipeline import MixOfShowPipeline
 from mos.common.regions import Region
+from mos.common.single_file import save_single_file
 from mos.server.cli import main as fuse_main
 from mos.server.fusion import FusionEngine
 from mos.server.report import fidelity
@@ -311,3 +312,32 @@ def test_sdxl_loras_leave_and_come_back_in_kohya_and_diffusers_layouts(xl_packag
     if fmt == "kohya":
         with pytest.raises(LoraFormatError, match="SDXL LoRA"):
             import_lora(build_tiny(), lora_file, "back", trigger="a dog")
+
+
+def test_sdxl_single_file_round_trips_and_a_fused_model_exports_to_one(xl_packages, tmp_path):
+    base = build_tiny_sdxl()
+    base.save_pretrained(tmp_path / "config")
+    save_single_file(base, tmp_path / "xl.safetensors")
+    with safe_open(str(tmp_path / "xl.safetensors"), framework="pt") as f:
+        keys = list(f.keys())  # noqa: SIM118
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.") for k in keys)
+    assert any(k.startswith("model.diffusion_model.label_emb.") for k in keys)  # pooled + time
+    back = load_base_model(tmp_path / "xl.safetensors", config=tmp_path / "config")
+    assert back.architecture == "sdxl" and back.fingerprint == base.fingerprint
+    for ours, theirs in ((base.unet, back.unet), (base.text_encoder_2, back.text_encoder_2)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a fused model leaves as one checkpoint; its concept rows go to clip_l / clip_g files
+    result = FusionEngine(build_tiny_sdxl(), xl_packages).fuse(progress=False)
+    fused = FusedModel.from_packages(result.strategy, result.factors, xl_packages)
+    merged = build_tiny_sdxl()
+    table = fused.attach(merged)
+    merge_into(merged)
+    report = export_single_file(merged, list(table), fused.embeddings, tmp_path / "f.safetensors")
+    assert str(tmp_path / "f.safetensors") in report.files
+    loaded = load_base_model(tmp_path / "f.safetensors", config=tmp_path / "config")
+    a, b = merged.unet.state_dict(), loaded.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    side = tmp_path / "f-embeddings" / "embeddings" / "dog1.safetensors"
+    with safe_open(str(side), framework="pt") as f:
+        assert set(f.keys()) == {"clip_l", "clip_g"}  # noqa: SIM118
