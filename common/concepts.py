@@ -8,7 +8,8 @@ An imported LoRA (``mos-import``) is a ``trigger`` concept: ``<name>`` stands fo
 words, ordinary words of the tokenizer (``"sks dog"``), and it adds no token at all.
 
 ``encode_prompts`` turns prompts into ``[batch, L, tokens, dim]``: copy ``l`` is the prompt
-with every concept word replaced by its layer-``l`` token.
+with every concept word replaced by its layer-``l`` token; ``encode_text`` also returns
+SDXL's pooled embedding (``mos.common.text``).
 """
 
 from __future__ import annotations
