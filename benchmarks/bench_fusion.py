@@ -3,6 +3,8 @@ reference's L-BFGS on the same recorded features.
 
     python benchmarks/bench_fusion.py --model tiny --n 3 14 50 --reference-n 3 14
     python benchmarks/bench_fusion.py --model sd15 --n 3 14 50 --reference-n 3     # on a GPU
+    python benchmarks/bench_fusion.py --model tiny-sdxl --n 3 --reference-n 3      # CPU
+    python benchmarks/bench_fusion.py --model sdxl --n 3 --reference-n --resolution 1024  # GPU
     python benchmarks/bench_fusion.py --modes                                       # fidelity
 
 Concepts are random rank-4 LoRAs of realistic size (``||B A|| = 2%`` of ``||W0||`` per
@@ -60,12 +62,16 @@ def random_packages(base, n: int, rank: int = 4, rel_norm: float = 0.02, seed: i
 
 def run_one(args) -> dict:
     from bench_edlora import _cpu_name, sd15_base
+    from bench_sdxl import shaped_base
 
-    from mos.common.base import build_tiny
+    from mos.common.base import build_tiny, build_tiny_sdxl
     from mos.server.fusion import FusionConfig, FusionEngine
 
     device = torch.device(args.device)
-    base = build_tiny() if args.model == "tiny" else sd15_base()
+    if args.model == "sdxl":  # random weights made on the device (10 GB in fp32)
+        base = shaped_base("sdxl", str(device))
+    else:
+        base = {"tiny": build_tiny, "tiny-sdxl": build_tiny_sdxl, "sd15": sd15_base}[args.model]()
     packages = random_packages(base, args.one_n)
     base.to(device)
     config = FusionConfig(
@@ -160,7 +166,7 @@ def modes(package_files: list[Path] | None = None) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    p.add_argument("--model", choices=("tiny", "sd15", "tiny-sdxl", "sdxl"), default="tiny")
     p.add_argument("--n", type=int, nargs="+", default=[3, 14, 50])
     p.add_argument(
         "--reference-n", type=int, nargs="*", default=[3], help="N for the L-BFGS reference"

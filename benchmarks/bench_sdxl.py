@@ -28,7 +28,12 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from mos.common.base import BaseModel, DDPMScheduler, DPMSolverMultistepScheduler
+from mos.common.base import (
+    SD_SCHEDULER_CONFIG,
+    BaseModel,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+)
 from mos.common.config import FusionConfig
 from mos.common.package import expected_lora_shapes
 from mos.common.tokenizer import build_tiny_tokenizer
@@ -74,11 +79,13 @@ def _clip(cls, config: dict, vocab: int):
     return cls(CLIPTextConfig(vocab_size=vocab, max_position_embeddings=77, **config))
 
 
-def shaped_base(kind: str) -> BaseModel:
-    """SD 1.5 or SDXL with the standard widths, on the meta device (no weights)."""
+def shaped_base(kind: str, device: str = "meta") -> BaseModel:
+    """SD 1.5 or SDXL with the standard widths, on the meta device (no weights), or on
+    ``device`` with random weights (``bench_fusion.py --model sdxl``)."""
     tok = build_tiny_tokenizer()
-    sched = {"num_train_timesteps": 1000}
-    with torch.device("meta"):
+    sched = SD_SCHEDULER_CONFIG
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
         vae = AutoencoderKL(**VAE)
         if kind == "sd15":
             unet = UNet2DConditionModel(**SD15_UNET)
@@ -86,16 +93,20 @@ def shaped_base(kind: str) -> BaseModel:
         else:
             unet = UNet2DConditionModel(**SDXL_UNET)
             te = _clip(CLIPTextModel, CLIP_L, 49408)
-            te2, tok2 = _clip(CLIPTextModelWithProjection, CLIP_BIGG, 49408), tok
+            te2, tok2 = _clip(CLIPTextModelWithProjection, CLIP_BIGG, 49408), build_tiny_tokenizer()
+            tok2.pad_token = "!"  # as SDXL's second tokenizer
+    for module in (unet, vae, te, te2):
+        if module is not None:
+            module.eval().requires_grad_(False)
     return BaseModel(
         tokenizer=tok,
         text_encoder=te,
         unet=unet,
         vae=vae,
-        noise_scheduler=DDPMScheduler(**sched),
-        scheduler=DPMSolverMultistepScheduler(**sched),
-        source=f"{kind}-shaped (meta)",
-        fingerprint="shapes only",
+        noise_scheduler=DDPMScheduler.from_config(sched),
+        scheduler=DPMSolverMultistepScheduler.from_config(sched),
+        source=f"{kind}-shaped ({'meta' if device == 'meta' else 'random weights'})",
+        fingerprint="shapes only" if device == "meta" else f"random {kind}-shaped",
         tokenizer_2=tok2,
         text_encoder_2=te2,
     )

@@ -43,6 +43,7 @@ fi
 if [ "${QUICK:-0}" = 1 ]; then  # a dry run of this script on any machine: tiny model only
     python3 benchmarks/bench_edlora.py --model tiny --steps 20 --out "$OUT/edlora-tiny.json" | tee "$OUT/edlora-tiny.md"
     python3 benchmarks/bench_fusion.py --model tiny --n 3 --reference-n 3 --out "$OUT/fusion-tiny.json" | tee "$OUT/fusion-tiny.md"
+    python3 benchmarks/bench_fusion.py --model tiny-sdxl --n 3 --reference-n 3 --out "$OUT/fusion-tiny-sdxl.json" | tee "$OUT/fusion-tiny-sdxl.md"
     python3 benchmarks/bench_regions.py --model tiny --steps 5 --repeats 1 --out "$OUT/regions-tiny.json" | tee "$OUT/regions-tiny.md"
     exit 0
 fi
@@ -53,6 +54,9 @@ python3 benchmarks/bench_fusion.py --model sd15 --n 3 14 50 --reference-n 3 \
     --out "$OUT/fusion-sd15-512.json" | tee "$OUT/fusion-sd15-512.md"
 python3 benchmarks/bench_regions.py --model sd15 --sizes 512x512 512x1024 --steps 20 \
     --out "$OUT/regions-sd15.json" | tee "$OUT/regions-sd15.md"
+# SDXL-shaped random weights at 1024 px: fusion time and peak memory (issue: SDXL)
+python3 benchmarks/bench_fusion.py --model sdxl --n 3 --reference-n --resolution 1024 \
+    --out "$OUT/fusion-sdxl-1024.json" | tee "$OUT/fusion-sdxl-1024.md"
 if [ "${FULL:-0}" = 1 ]; then
     python3 benchmarks/bench_edlora.py --model sd15 --resolution 512 --batch-size 2 --steps 1000 \
         --warmup 10 --out "$OUT/edlora-sd15-1000.json" | tee "$OUT/edlora-sd15-1000.md"
