@@ -71,6 +71,9 @@ TUNING_ABLATIONS = {
 }
 
 
+ATTENTION_FORMS = ("linear", "full-identity", "squared")  # the authors' two, the project's
+
+
 def fusion_variants() -> dict[str, FusionConfig]:
     paper = load_preset("paper").fusion
     project = NO_PRESET.fusion_config().model_dump()
@@ -84,7 +87,14 @@ def fusion_variants() -> dict[str, FusionConfig]:
 
 
 def tuned(
-    name: str, preset: str, out: Path, steps: int | None, conv: int, label: str = "", **given
+    name: str,
+    preset: str,
+    out: Path,
+    steps: int | None,
+    conv: int,
+    label: str = "",
+    masks: bool = False,
+    **given,
 ) -> ConceptPackage:
     path = out / f"{preset}{label.replace(' ', '_')}-{name}.safetensors"
     if path.exists():
@@ -93,7 +103,7 @@ def tuned(
         given["steps"] = steps
     if conv:
         given["conv_rank"] = conv
-    package = tune(name, load_preset(preset).train_config(**given))
+    package = tune(name, load_preset(preset).train_config(**given), masks=masks)
     package.save(path)
     return package
 
@@ -157,6 +167,12 @@ def main() -> None:
         "--tuning-ablations", action="store_true", help="only: the paper tuning, one setting off"
     )
     p.add_argument(
+        "--attention-ablations",
+        action="store_true",
+        help="only: the paper tuning on photos with subject masks, each attention-regularisation "
+        "form (the authors' linear and full-identity, the project's squared)",
+    )
+    p.add_argument(
         "--fuse-n",
         type=int,
         nargs="+",
@@ -188,9 +204,15 @@ def main() -> None:
     fuse_n = sorted({min(n, len(names)) for n in (args.fuse_n or [len(names)]) if n >= 1})
     results["fuse_n"] = fuse_n
 
-    if args.tuning_ablations:
+    if args.tuning_ablations or args.attention_ablations:
         ablations: dict[str, dict] = {}
-        for label, given in {"toy-paper": {}, **TUNING_ABLATIONS}.items():
+        variants = (
+            {f"masks, attention_reg_form {f}": {"attention_reg_form": f} for f in ATTENTION_FORMS}
+            if args.attention_ablations
+            else {"toy-paper": {}, **TUNING_ABLATIONS}
+        )
+        stem = "attention" if args.attention_ablations else "tuning"
+        for label, given in variants.items():
             pkgs = [
                 tuned(
                     n,
@@ -199,6 +221,7 @@ def main() -> None:
                     args.steps,
                     args.conv_rank,
                     f"+{label}" if given else "",
+                    masks=args.attention_ablations,
                     **given,
                 )  # fmt: skip
                 for n in names
@@ -208,13 +231,13 @@ def main() -> None:
                 for p in pkgs
             }
             log.info("toy-paper with %s: %s", label, ablations[label])
-            (args.out / "tuning.json").write_text(json.dumps(ablations, indent=2))
+            (args.out / f"{stem}.json").write_text(json.dumps(ablations, indent=2))
         lines = ["| toy-paper tuning | single-concept identity (score / detected) |", "|---|---|"]
         for label, rows in ablations.items():
             lines.append(
                 f"| {label} | {_mean(rows, 'score'):.3f} / {_mean(rows, 'detected'):.0%} |"
             )
-        (args.out / "tuning.md").write_text("\n".join(lines) + "\n")
+        (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return
 
