@@ -276,30 +276,30 @@ def check_shared_vocabulary(first: CLIPTokenizer, second: CLIPTokenizer, source:
         )
 
 
-def sd_pipeline_class() -> type[StableDiffusionPipeline]:
-    """diffusers' ``StableDiffusionPipeline``, imported with transformers' notices muted.
+def _muted_diffusers_import(name: str) -> type:
+    """``diffusers.<name>``, imported with transformers' notices muted.
 
-    Importing it pulls in CLIP's image processor, and transformers then prints that
+    Importing a pipeline pulls in CLIP's image processor, and transformers then prints that
     torchvision is missing (we never use image processors) on every command.
     """
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
+
+        return getattr(diffusers, name)
     finally:
         transformers.logging.set_verbosity(previous)
-    return StableDiffusionPipeline
+
+
+def sd_pipeline_class() -> type[StableDiffusionPipeline]:
+    """diffusers' ``StableDiffusionPipeline`` (imported quietly)."""
+    return _muted_diffusers_import("StableDiffusionPipeline")
 
 
 def sdxl_pipeline_class() -> type[StableDiffusionXLPipeline]:
-    """diffusers' ``StableDiffusionXLPipeline`` (imported as ``sd_pipeline_class``)."""
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        from diffusers import StableDiffusionXLPipeline
-    finally:
-        transformers.logging.set_verbosity(previous)
-    return StableDiffusionXLPipeline
+    """diffusers' ``StableDiffusionXLPipeline`` (imported quietly)."""
+    return _muted_diffusers_import("StableDiffusionXLPipeline")
 
 
 def tiny_configs() -> dict[str, dict]:
