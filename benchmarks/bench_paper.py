@@ -4,6 +4,8 @@
     python benchmarks/bench_paper.py --concepts checker house --samples 4   # smoke
     python benchmarks/bench_paper.py --conv-rank 16 --steps 1000 --fuse-n 2 5 8 \
         --concepts checker ring halfmoon flag house swiss diamond mushroom
+    python benchmarks/bench_paper.py --tuning-ablations        # toy-paper, one setting off
+    python benchmarks/bench_paper.py --project-ablations       # toy, one paper setting on
     python benchmarks/bench_paper.py --solvers-only --lbfgs-unet-iterations 50 500 2000
 
 For the concepts (toy world, photos made by ``toyworld``):
@@ -16,7 +18,10 @@ For the concepts (toy world, photos made by ``toyworld``):
    the project's defaults, ``paper`` (the authors' fusion), weight fusion, and (at the
    largest N) ``paper`` with one of its settings at the project's value at a time; for
    each, the least-squares objective per stage, the mean UNet drift (``mos-fuse``'s report)
-   and the identity of each concept in the fused model;
+   and the identity of each concept in the fused model; and for the project, paper and
+   weight fusions, placement: the first two concepts sampled side by side with regional
+   prompts (``--placement-seeds`` seeds), how often both are found in their own box and
+   in no other;
 3. the solvers, on the first three concepts: ``paper`` fused with the exact solve and with
    the authors' L-BFGS (``solver lbfgs``, their tolerances and best iterate; their 50 UNet
    iterations, and as many more as ``--lbfgs-unet-iterations`` asks, to see where it
@@ -50,6 +55,7 @@ from mos.server.report import fidelity
 from mos.toyworld.evaluate import (
     concept_identity,
     fused_pipeline,
+    placement,
     single_concept_pipeline,
     toy_base,
     tune,
@@ -66,6 +72,15 @@ TUNING_ABLATIONS = {
     "caption_templates none": {"caption_templates": "none"},
     "batch_size 2": {"batch_size": 2},
     "flip_p 0.5": {"flip_p": 0.5},
+    "kv_dropout 0.2 lora (paper-object)": {"kv_dropout": 0.2, "kv_dropout_mode": "lora"},
+    "kv_dropout 0.2 features": {"kv_dropout": 0.2, "kv_dropout_mode": "features"},
+}
+# the other direction: the project's tuning (toy) with one of the paper's settings at a time
+PROJECT_ABLATIONS = {
+    "augment canvas": {"augment": "canvas"},
+    "caption_templates human": {"caption_templates": "human"},
+    "batch_size 4": {"batch_size": 4},
+    "flip_p 0.5 (the default off the toy base)": {"flip_p": 0.5},
     "kv_dropout 0.2 lora (paper-object)": {"kv_dropout": 0.2, "kv_dropout_mode": "lora"},
     "kv_dropout 0.2 features": {"kv_dropout": 0.2, "kv_dropout_mode": "features"},
 }
@@ -167,6 +182,11 @@ def main() -> None:
         "--tuning-ablations", action="store_true", help="only: the paper tuning, one setting off"
     )
     p.add_argument(
+        "--project-ablations",
+        action="store_true",
+        help="only: the project's tuning (toy), one of the paper's settings at a time",
+    )
+    p.add_argument(
         "--attention-ablations",
         action="store_true",
         help="only: the paper tuning on photos with subject masks, each attention-regularisation "
@@ -184,6 +204,12 @@ def main() -> None:
         nargs="+",
         default=[50],
         help="L-BFGS iterations on the UNet spatial layers to compare (the authors': 50)",
+    )
+    p.add_argument(
+        "--placement-seeds",
+        type=int,
+        default=10,
+        help="seeds of the two-concept regional placement per fused model (0: skip)",
     )
     p.add_argument(
         "--solvers-only", action="store_true", help="only: tune toy-paper, compare the solvers"
@@ -204,19 +230,28 @@ def main() -> None:
     fuse_n = sorted({min(n, len(names)) for n in (args.fuse_n or [len(names)]) if n >= 1})
     results["fuse_n"] = fuse_n
 
-    if args.tuning_ablations or args.attention_ablations:
+    if args.tuning_ablations or args.attention_ablations or args.project_ablations:
         ablations: dict[str, dict] = {}
-        variants = (
-            {f"masks, attention_reg_form {f}": {"attention_reg_form": f} for f in ATTENTION_FORMS}
+        start = "toy" if args.project_ablations else "toy-paper"
+        if args.attention_ablations:
+            variants = {
+                f"masks, attention_reg_form {f}": {"attention_reg_form": f} for f in ATTENTION_FORMS
+            }
+        else:
+            more = PROJECT_ABLATIONS if args.project_ablations else TUNING_ABLATIONS
+            variants = {start: {}, **more}
+        stem = (
+            "attention"
             if args.attention_ablations
-            else {"toy-paper": {}, **TUNING_ABLATIONS}
+            else "project-tuning"
+            if args.project_ablations
+            else "tuning"
         )
-        stem = "attention" if args.attention_ablations else "tuning"
         for label, given in variants.items():
             pkgs = [
                 tuned(
                     n,
-                    "toy-paper",
+                    start,
                     args.out,
                     args.steps,
                     args.conv_rank,
@@ -230,9 +265,9 @@ def main() -> None:
                 p.concept.name: _identity(single_concept_pipeline(p), p.concept.name, args.samples)
                 for p in pkgs
             }
-            log.info("toy-paper with %s: %s", label, ablations[label])
+            log.info("%s with %s: %s", start, label, ablations[label])
             (args.out / f"{stem}.json").write_text(json.dumps(ablations, indent=2))
-        lines = ["| toy-paper tuning | single-concept identity (score / detected) |", "|---|---|"]
+        lines = [f"| {start} tuning | single-concept identity (score / detected) |", "|---|---|"]
         for label, rows in ablations.items():
             lines.append(
                 f"| {label} | {_mean(rows, 'score'):.3f} / {_mean(rows, 'detected'):.0%} |"
@@ -268,7 +303,16 @@ def main() -> None:
                 engine, row = fuse(group, config, weight)
                 result = row.pop("result")
                 fused = FusedModel.from_packages(result.strategy, result.factors, group)
-                row["identity"] = identities(fused_pipeline(fused), names[:n], args.samples)
+                pipe = fused_pipeline(fused)
+                row["identity"] = identities(pipe, names[:n], args.samples)
+                if args.placement_seeds and n >= 2 and variant in ("project", "paper", "weight"):
+                    pl = placement(pipe, names[:2], args.placement_seeds, seed=3)
+                    row["placement"] = {
+                        "names": pl.names,
+                        "all_placed": pl.all_placed,
+                        "own_beats_other": pl.own_beats_other,
+                        "in_own_box": pl.in_own_box,
+                    }
                 row["n"] = n
                 key = f"{preset} packages, {variant} fusion"
                 results["fusion"][key if len(fuse_n) == 1 else f"N = {n}, {key}"] = row
@@ -308,14 +352,23 @@ def markdown(r: dict) -> str:
     lines += ["| tuning | single-concept identity (score / detected) |", "|---|---|"]
     for preset, rows in r["tuning"].items():
         lines.append(f"| {preset} | {_mean(rows, 'score'):.3f} / {_mean(rows, 'detected'):.0%} |")
-    lines += ["", "| packages, fusion | mean UNet drift | fused identity (score / detected) |"]
-    lines += ["|---|---|---|"]
+    placed = any("placement" in row for row in r["fusion"].values())
+    head = "| packages, fusion | mean UNet drift | fused identity (score / detected) |"
+    lines += [
+        "",
+        head + (" placement, 2 concepts (both placed / own box first) |" if placed else ""),
+    ]
+    lines += ["|---|---|---|" + ("---|" if placed else "")]
     for key, row in r["fusion"].items():
         ident = row["identity"]
-        lines.append(
+        line = (
             f"| {key} | {row['unet_drift']:.3f} | "
             f"{_mean(ident, 'score'):.3f} / {_mean(ident, 'detected'):.0%} |"
         )
+        if placed:
+            pl = row.get("placement")
+            line += f" {pl['all_placed']:.0%} / {pl['own_beats_other']:.0%} |" if pl else " |"
+        lines.append(line)
     ex = r["solvers"]["exact"]
     lines += ["", "| stage | exact objective | L-BFGS | objective | gap | exact s | L-BFGS s |"]
     lines += ["|---|---|---|---|---|---|---|"]
