@@ -84,11 +84,11 @@ class TrainConfig(_Model):
         0.01, ge=0, description="with masks: weight of the cross-attention regularisation"
     )
     attention_reg_form: Literal["squared", "linear", "full-identity"] = Field(
-        "squared",
-        description="the attention regularisation: squared (per layer, second word to the "
-        "mask, first word squared off it); linear (the authors': per resolution, both words' "
-        "mean attention off the mask); full-identity (the authors' other form: the second "
-        "word's squared error to the mask)",
+        "linear",
+        description="the attention regularisation: linear (the authors': per resolution, both "
+        "words' mean attention off the mask); full-identity (the authors' other form: the "
+        "second word's squared error to the mask); squared (per layer, second word to the "
+        "mask, first word squared off it). The three keep the same identity on the toy base",
     )
     flip_p: float = Field(
         0.5,
