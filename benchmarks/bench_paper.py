@@ -187,6 +187,9 @@ def main() -> None:
         help="only: the project's tuning (toy), one of the paper's settings at a time",
     )
     p.add_argument(
+        "--only", nargs="+", help="with --tuning/--project-ablations: only these ablations"
+    )
+    p.add_argument(
         "--attention-ablations",
         action="store_true",
         help="only: the paper tuning on photos with subject masks, each attention-regularisation "
@@ -214,9 +217,17 @@ def main() -> None:
     p.add_argument(
         "--solvers-only", action="store_true", help="only: tune toy-paper, compare the solvers"
     )
+    p.add_argument(
+        "--tables-only", action="store_true", help="only: rewrite paper.md from --out/paper.json"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/paper"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.tables_only:
+        tables = markdown(json.loads((args.out / "paper.json").read_text()))
+        (args.out / "paper.md").write_text(tables)
+        print(tables)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.concepts
     results: dict = {
@@ -239,6 +250,11 @@ def main() -> None:
             }
         else:
             more = PROJECT_ABLATIONS if args.project_ablations else TUNING_ABLATIONS
+            if args.only:
+                unknown = sorted(set(args.only) - set(more))
+                if unknown:
+                    p.error(f"--only: no ablation {unknown}; these are: {sorted(more)}")
+                more = {k: v for k, v in more.items() if k in args.only}
             variants = {start: {}, **more}
         stem = (
             "attention"
@@ -353,16 +369,22 @@ def markdown(r: dict) -> str:
     for preset, rows in r["tuning"].items():
         lines.append(f"| {preset} | {_mean(rows, 'score'):.3f} / {_mean(rows, 'detected'):.0%} |")
     placed = any("placement" in row for row in r["fusion"].values())
-    head = "| packages, fusion | mean UNet drift | fused identity (score / detected) |"
+    head = (
+        "| packages, fusion | mean UNet drift | the same concepts' own models | "
+        "fused identity (score / detected) |"
+    )
     lines += [
         "",
         head + (" placement, 2 concepts (both placed / own box first) |" if placed else ""),
     ]
-    lines += ["|---|---|---|" + ("---|" if placed else "")]
+    lines += ["|---|---|---|---|" + ("---|" if placed else "")]
     for key, row in r["fusion"].items():
         ident = row["identity"]
+        preset = "toy-paper" if "toy-paper packages" in key else "toy"
+        own = {n: r["tuning"][preset][n] for n in ident if n in r["tuning"].get(preset, {})}
+        own_cell = f"{_mean(own, 'score'):.3f} / {_mean(own, 'detected'):.0%}" if own else ""
         line = (
-            f"| {key} | {row['unet_drift']:.3f} | "
+            f"| {key} | {row['unet_drift']:.3f} | {own_cell} | "
             f"{_mean(ident, 'score'):.3f} / {_mean(ident, 'detected'):.0%} |"
         )
         if placed:
