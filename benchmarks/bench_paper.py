@@ -378,32 +378,36 @@ def markdown(r: dict) -> str:
         f"Concepts: {', '.join(r['concepts'])}; identity over {r['samples']} samples each.",
         "",
     ]
-    lines += ["| tuning | single-concept identity (score / detected) |", "|---|---|"]
-    for preset, rows in r["tuning"].items():
-        lines.append(f"| {preset} | {_mean(rows, 'score'):.3f} / {_mean(rows, 'detected'):.0%} |")
-    placed = any("placement" in row for row in r["fusion"].values())
-    head = (
-        "| packages, fusion | mean UNet drift | the same concepts' own models | "
-        "fused identity (score / detected) |"
-    )
-    lines += [
-        "",
-        head + (" placement, 2 concepts (both placed / own box first) |" if placed else ""),
-    ]
-    lines += ["|---|---|---|---|" + ("---|" if placed else "")]
-    for key, row in r["fusion"].items():
-        ident = row["identity"]
-        preset = "toy-paper" if "toy-paper packages" in key else "toy"
-        own = {n: r["tuning"][preset][n] for n in ident if n in r["tuning"].get(preset, {})}
-        own_cell = f"{_mean(own, 'score'):.3f} / {_mean(own, 'detected'):.0%}" if own else ""
-        line = (
-            f"| {key} | {row['unet_drift']:.3f} | {own_cell} | "
-            f"{_mean(ident, 'score'):.3f} / {_mean(ident, 'detected'):.0%} |"
+    if r["tuning"]:
+        lines += ["| tuning | single-concept identity (score / detected) |", "|---|---|"]
+        for preset, rows in r["tuning"].items():
+            lines.append(
+                f"| {preset} | {_mean(rows, 'score'):.3f} / {_mean(rows, 'detected'):.0%} |"
+            )
+    if r["fusion"]:
+        placed = any("placement" in row for row in r["fusion"].values())
+        head = (
+            "| packages, fusion | mean UNet drift | the same concepts' own models | "
+            "fused identity (score / detected) |"
         )
-        if placed:
-            pl = row.get("placement")
-            line += f" {pl['all_placed']:.0%} / {pl['own_beats_other']:.0%} |" if pl else " |"
-        lines.append(line)
+        lines += [
+            "",
+            head + (" placement, 2 concepts (both placed / own box first) |" if placed else ""),
+        ]
+        lines += ["|---|---|---|---|" + ("---|" if placed else "")]
+        for key, row in r["fusion"].items():
+            ident = row["identity"]
+            preset = "toy-paper" if "toy-paper packages" in key else "toy"
+            own = {n: r["tuning"][preset][n] for n in ident if n in r["tuning"].get(preset, {})}
+            own_cell = f"{_mean(own, 'score'):.3f} / {_mean(own, 'detected'):.0%}" if own else ""
+            line = (
+                f"| {key} | {row['unet_drift']:.3f} | {own_cell} | "
+                f"{_mean(ident, 'score'):.3f} / {_mean(ident, 'detected'):.0%} |"
+            )
+            if placed:
+                pl = row.get("placement")
+                line += f" {pl['all_placed']:.0%} / {pl['own_beats_other']:.0%} |" if pl else " |"
+            lines.append(line)
     ex = r["solvers"]["exact"]
     lines += ["", "| stage | exact objective | L-BFGS | objective | gap | exact s | L-BFGS s |"]
     lines += ["|---|---|---|---|---|---|---|"]
