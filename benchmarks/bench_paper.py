@@ -7,6 +7,8 @@
     python benchmarks/bench_paper.py --tuning-ablations        # toy-paper, one setting off
     python benchmarks/bench_paper.py --project-ablations       # toy, one paper setting on
     python benchmarks/bench_paper.py --solvers-only --lbfgs-unet-iterations 50 500 2000
+    python benchmarks/bench_paper.py --presets toy --conv-rank 16 --steps 1000 \
+        --concepts checker halfmoon --placement-seeds 20     # placement under each fusion
 
 For the concepts (toy world, photos made by ``toyworld``):
 
@@ -20,8 +22,9 @@ For the concepts (toy world, photos made by ``toyworld``):
    each, the least-squares objective per stage, the mean UNet drift (``mos-fuse``'s report)
    and the identity of each concept in the fused model; and for the project, paper and
    weight fusions, placement: the first two concepts sampled side by side with regional
-   prompts (``--placement-seeds`` seeds), how often both are found in their own box and
-   in no other;
+   prompts (``--placement-seeds`` seeds; ``--placement-layout``: in tiles of the base's
+   size, as the README composes toy concepts, or on one canvas), how often both are found
+   in their own box and in no other;
 3. the solvers, on the first three concepts: ``paper`` fused with the exact solve and with
    the authors' L-BFGS (``solver lbfgs``, their tolerances and best iterate; their 50 UNet
    iterations, and as many more as ``--lbfgs-unet-iterations`` asks, to see where it
@@ -225,10 +228,24 @@ def main() -> None:
         help="seeds of the two-concept regional placement per fused model (0: skip)",
     )
     p.add_argument(
+        "--placement-layout",
+        choices=["tiles", "canvas"],
+        default="tiles",
+        help="placement sampled in side-by-side tiles of the base's size (as the README "
+        "composes toy concepts, --native-views --view-overlap 0) or on one wide canvas",
+    )
+    p.add_argument(
         "--solvers-only", action="store_true", help="only: tune toy-paper, compare the solvers"
     )
     p.add_argument(
         "--tables-only", action="store_true", help="only: rewrite paper.md from --out/paper.json"
+    )
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        choices=["toy", "toy-paper"],
+        default=["toy", "toy-paper"],
+        help="tune the packages with these presets (the solvers need toy-paper)",
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/paper"))
     args = p.parse_args()
@@ -245,6 +262,7 @@ def main() -> None:
         "samples": args.samples,
         "conv_rank": args.conv_rank,
         "steps": args.steps,
+        "placement_layout": args.placement_layout,
         "tuning": {},
         "fusion": {},
     }
@@ -303,7 +321,7 @@ def main() -> None:
         return
 
     packages: dict[str, list[ConceptPackage]] = {}
-    presets = ("toy-paper",) if args.solvers_only else ("toy", "toy-paper")
+    presets = ("toy-paper",) if args.solvers_only else tuple(args.presets)
     for preset in presets:
         packages[preset] = [tuned(n, preset, args.out, args.steps, args.conv_rank) for n in names]
         if args.solvers_only:
@@ -332,7 +350,8 @@ def main() -> None:
                 pipe = fused_pipeline(fused)
                 row["identity"] = identities(pipe, names[:n], args.samples)
                 if args.placement_seeds and n >= 2 and variant in ("project", "paper", "weight"):
-                    pl = placement(pipe, names[:2], args.placement_seeds, seed=3)
+                    tiles = args.placement_layout == "tiles"
+                    pl = placement(pipe, names[:2], args.placement_seeds, seed=3, tiles=tiles)
                     row["placement"] = {
                         "names": pl.names,
                         "all_placed": pl.all_placed,
@@ -345,6 +364,10 @@ def main() -> None:
                 log.info("N = %d, %s / %s: drift %.3f", n, preset, variant, row["unet_drift"])
                 (args.out / "paper.json").write_text(json.dumps(results, indent=2, default=float))
 
+    if "toy-paper" not in packages:  # the solvers compare on the authors' packages
+        (args.out / "paper.md").write_text(markdown(results))
+        print(markdown(results))
+        return
     # solvers, on the paper fusion of the first three paper packages
     paper = FusionConfig(**load_preset("paper").fusion)
     group = packages["toy-paper"][:3]
@@ -386,13 +409,19 @@ def markdown(r: dict) -> str:
             )
     if r["fusion"]:
         placed = any("placement" in row for row in r["fusion"].values())
+        layout = {"tiles": "tiles", "canvas": "one canvas"}[r.get("placement_layout", "canvas")]
         head = (
             "| packages, fusion | mean UNet drift | the same concepts' own models | "
             "fused identity (score / detected) |"
         )
         lines += [
             "",
-            head + (" placement, 2 concepts (both placed / own box first) |" if placed else ""),
+            head
+            + (
+                f" placement, 2 concepts, {layout} (both placed / own box first) |"
+                if placed
+                else ""
+            ),
         ]
         lines += ["|---|---|---|---|" + ("---|" if placed else "")]
         for key, row in r["fusion"].items():
@@ -408,6 +437,8 @@ def markdown(r: dict) -> str:
                 pl = row.get("placement")
                 line += f" {pl['all_placed']:.0%} / {pl['own_beats_other']:.0%} |" if pl else " |"
             lines.append(line)
+    if "solvers" not in r:
+        return "\n".join(lines) + "\n"
     ex = r["solvers"]["exact"]
     lines += ["", "| stage | exact objective | L-BFGS | objective | gap | exact s | L-BFGS s |"]
     lines += ["|---|---|---|---|---|---|---|"]
@@ -425,12 +456,13 @@ def markdown(r: dict) -> str:
     lb = r["solvers"].get("lbfgs")
     if lb is not None and "plain_sampling_s" in r:
         k = len(r.get("solver_concepts", r["concepts"]))
+        n_images = r.get("plain_sampling_images")  # older runs sampled one image each
+        images = f"{n_images} image(s) each as stage 4 does" if n_images else "1 image each"
         lines += [
             "",
             f"Gradient fusion (exact) {ex['seconds']:.2f} s, L-BFGS {lb['seconds']:.2f} s "
             f"({lb['seconds'] / ex['seconds']:.1f}x); sampling the {k} concept "
-            f"models alone for the same steps, {r.get('plain_sampling_images', 1)} image(s) "
-            f"each as stage 4 does, {r['plain_sampling_s']:.2f} s: fusion is "
+            f"models alone for the same steps, {images}, {r['plain_sampling_s']:.2f} s: fusion is "
             f"{ex['seconds'] / r['plain_sampling_s']:.2f}x plain sampling.",
         ]
     return "\n".join(lines) + "\n"
