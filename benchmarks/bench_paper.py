@@ -78,11 +78,13 @@ TUNING_ABLATIONS = {
     "kv_dropout 0.2 lora (paper-object)": {"kv_dropout": 0.2, "kv_dropout_mode": "lora"},
     "kv_dropout 0.2 features": {"kv_dropout": 0.2, "kv_dropout_mode": "features"},
 }
+HALF = "half"  # an ablation's steps: half of the run's (the same number of images seen)
 # the other direction: the project's tuning (toy) with one of the paper's settings at a time
 PROJECT_ABLATIONS = {
     "augment canvas": {"augment": "canvas"},
     "caption_templates human": {"caption_templates": "human"},
     "batch_size 4": {"batch_size": 4},
+    "batch_size 4, half the steps (as many images)": {"batch_size": 4, "steps": HALF},
     "flip_p 0.5 (the default off the toy base)": {"flip_p": 0.5},
     "kv_dropout 0.2 lora (paper-object)": {"kv_dropout": 0.2, "kv_dropout_mode": "lora"},
     "kv_dropout 0.2 features": {"kv_dropout": 0.2, "kv_dropout_mode": "features"},
@@ -117,8 +119,8 @@ def tuned(
     path = out / f"{preset}{label.replace(' ', '_')}-{name}.safetensors"
     if path.exists():
         return ConceptPackage.load(path)
-    if steps:
-        given["steps"] = steps
+    run_steps = steps or load_preset(preset).train_config().steps
+    given["steps"] = run_steps // 2 if given.get("steps") == HALF else run_steps
     if conv:
         given["conv_rank"] = conv
     package = tune(name, load_preset(preset).train_config(**given), masks=masks)
