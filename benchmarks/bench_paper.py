@@ -85,7 +85,7 @@ PROJECT_ABLATIONS = {
     "caption_templates human": {"caption_templates": "human"},
     "batch_size 4": {"batch_size": 4},
     "batch_size 4, half the steps (as many images)": {"batch_size": 4, "steps": HALF},
-    "flip_p 0.5 (the default off the toy base)": {"flip_p": 0.5},
+    "flip_p 0.5": {"flip_p": 0.5},
     "kv_dropout 0.2 lora (paper-object)": {"kv_dropout": 0.2, "kv_dropout_mode": "lora"},
     "kv_dropout 0.2 features": {"kv_dropout": 0.2, "kv_dropout_mode": "features"},
 }

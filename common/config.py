@@ -56,10 +56,10 @@ class TrainConfig(_Model):
         description="dropout on cross-attention key/value text input (0.2 for objects)",
     )
     kv_dropout_mode: Literal["features", "lora"] = Field(
-        "features",
-        description="what kv_dropout drops: elements of the cross-attention key/value text "
-        "input, or (the authors') each attn2 to_k/to_v LoRA branch, off for a whole step with "
-        "probability kv_dropout",
+        "lora",
+        description="what kv_dropout drops: (the authors') each attn2 to_k/to_v LoRA branch, "
+        "off for a whole step with probability kv_dropout, or elements of the cross-attention "
+        "key/value text input (features)",
     )
     augment: Literal["none", "canvas", "crop"] = Field(
         "none",
@@ -91,11 +91,11 @@ class TrainConfig(_Model):
         "mask, first word squared off it). The three keep the same identity on the toy base",
     )
     flip_p: float = Field(
-        0.5,
+        0.0,
         ge=0,
         le=1,
-        description="probability of a horizontal flip (0 for subjects with a handedness: text, "
-        "logos)",
+        description="probability of a horizontal flip (the authors never flip; keep 0 for "
+        "subjects with a handedness: text, logos)",
     )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU"

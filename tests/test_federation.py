@@ -117,13 +117,13 @@ def test_server_and_simulation_options_reach_the_clients_training_settings(tmp_p
                           "--data-root", str(tmp_path)])):  # fmt: skip
         args = parser.parse_args([*extra, "--steps", "7", "--lr-embedding", "0.005",
                                   "--lr-text", "0.0001", "--lr-unet", "0.001",
-                                  "--flip-p", "0"])  # fmt: skip
+                                  "--flip-p", "0.5"])  # fmt: skip
         values = _overrides(args)
         t = fed.RunSettings.from_run_config({**fed.RUN_CONFIG_DEFAULTS, **values}).train
         assert (t.steps, t.lr_embedding, t.lr_text, t.lr_unet) == (7, 5e-3, 1e-4, 1e-3)
-        assert t.flip_p == 0.0
+        assert t.flip_p == 0.5
         unset = fed.RunSettings.from_run_config(_overrides(parser.parse_args(extra)))
-        assert unset.train.flip_p == 0.5  # the model's default stays
+        assert unset.train.flip_p == 0.0  # the model's default stays
         args = parser.parse_args([*extra, "--lr-unet", "-1"])
         with pytest.raises(UsageError, match="--lr-unet"):
             _overrides(args)
