@@ -110,7 +110,7 @@ def tuned(
     name: str,
     preset: str,
     out: Path,
-    steps: int | None,
+    run_steps: int | None,
     conv: int,
     label: str = "",
     masks: bool = False,
@@ -119,7 +119,7 @@ def tuned(
     path = out / f"{preset}{label.replace(' ', '_')}-{name}.safetensors"
     if path.exists():
         return ConceptPackage.load(path)
-    run_steps = steps or load_preset(preset).train_config().steps
+    run_steps = run_steps or load_preset(preset).train_config().steps
     given["steps"] = run_steps // 2 if given.get("steps") == HALF else run_steps
     if conv:
         given["conv_rank"] = conv
