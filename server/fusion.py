@@ -525,12 +525,15 @@ class FusionEngine:
                 objectives[stage.part] = obj
                 objectives[f"{stage.part} (weight fusion)"] = baseline
                 log.info(
-                    "stage %s (%s): %d concepts, %.2f s, objective %.4g",
+                    "stage %s (%s): %d concepts, %.2f s, objective %.4g (%.3g of weight "
+                    "fusion's %.4g)",
                     stage.part,
                     stage.name,
                     len(names),
                     timings[stage.part],
                     obj,
+                    obj / baseline if baseline > 0 else 0.0,
+                    baseline,
                 )
         finally:
             bar.close()
