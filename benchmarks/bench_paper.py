@@ -233,8 +233,9 @@ def main() -> None:
         "--placement-layout",
         choices=["tiles", "canvas"],
         default="tiles",
-        help="placement sampled in side-by-side tiles of the base's size (as the README "
-        "composes toy concepts, --native-views --view-overlap 0) or on one wide canvas",
+        help="placement sampled in side-by-side tiles of the base's size with the concepts' "
+        "photo captions as prompts (as the README composes toy concepts, --native-views "
+        "--view-overlap 0) or on one wide canvas with prompts naming a background",
     )
     p.add_argument(
         "--solvers-only", action="store_true", help="only: tune toy-paper, compare the solvers"
@@ -353,7 +354,10 @@ def main() -> None:
                 row["identity"] = identities(pipe, names[:n], args.samples)
                 if args.placement_seeds and n >= 2 and variant in ("project", "paper", "weight"):
                     tiles = args.placement_layout == "tiles"
-                    pl = placement(pipe, names[:2], args.placement_seeds, seed=3, tiles=tiles)
+                    pl = placement(  # tiles: as the README composes ("a photo of a <TOK>")
+                        pipe, names[:2], args.placement_seeds, seed=3, tiles=tiles,
+                        photo_prompts=tiles,
+                    )  # fmt: skip
                     row["placement"] = {
                         "names": pl.names,
                         "all_placed": pl.all_placed,
