@@ -5,7 +5,7 @@ them in ``finally``. For each watched module it adds ``x^T x`` of the module's i
 convolution adapter's im2col patches) to a ``[d, d]`` Gram matrix on the module's device
 (fp64 by default), so memory is ``O(sum of d^2)`` whatever the number of tokens, steps or
 concepts. A stride-1 convolution's statistics come from its input without building the
-patches (``patches.patch_gram``, ``patches.patch_cross``: 3-4x faster at 3x3). With
+patches (``patches.patch_gram``, ``patches.patch_cross``: about 3x faster at 3x3). With
 ``keep_raw`` it also keeps the raw inputs (patches) in host memory, as the reference
 implementation does; only the L-BFGS reference solver needs them.
 """
@@ -121,7 +121,9 @@ class GramRecorder:
                 self.grams[key] = torch.zeros(shape, dtype=self.dtype, device=x.device)
                 self.rows[key] = 0
                 if self.reduce is not None:
-                    self.crosses[key] = torch.zeros_like(self.reduce[key], dtype=self.dtype)
+                    self.crosses[key] = torch.zeros(
+                        self.reduce[key].shape, dtype=self.dtype, device=x.device
+                    )
             grams = self.grams[key]
             if self.reduce is not None:
                 grams += patch_gram(x, kernel, padding, self.dtype)
