@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from mos.common.config import CONV_SAMPLES, FusionConfig
+from mos.common.config import FusionConfig
 from mos.common.fused import FusedModel
 from mos.common.package import ConceptPackage
 from mos.common.pipeline import MixOfShowPipeline
@@ -169,13 +169,6 @@ def plain_sampling_seconds(
              width=size, num_images_per_prompt=images, output_type="latent")  # fmt: skip
         total += time.perf_counter() - start
     return total
-
-
-def stage4_images(packages: list[ConceptPackage], config: FusionConfig) -> int:
-    """Images per concept that gradient fusion samples in stage 4 (``FusionEngine``)."""
-    if config.samples:
-        return config.samples
-    return CONV_SAMPLES if any(p.conv_rank for p in packages) else 1
 
 
 def _identity(pipe: MixOfShowPipeline, name: str, n: int) -> dict[str, float]:
@@ -387,13 +380,13 @@ def main() -> None:
         for k in args.lbfgs_unet_iterations
     ]
     for label, update in runs:
-        _, row = fuse(group, paper.model_copy(update=update))
+        engine, row = fuse(group, paper.model_copy(update=update))
         row.pop("result")
         solvers[label] = row
         log.info("solver %s: %s", label, row["objective"])
         results["solvers"] = solvers
         (args.out / "paper.json").write_text(json.dumps(results, indent=2, default=float))
-    results["plain_sampling_images"] = stage4_images(group, paper)
+    results["plain_sampling_images"] = engine.stage4_samples
     results["plain_sampling_s"] = plain_sampling_seconds(
         group, paper, results["plain_sampling_images"]
     )

@@ -87,19 +87,16 @@ def patch_gram(
             else:
                 back = lags.get((-e[0], -e[1]))
                 full = None if back is None else back.T
-            if full is None:  # the input and its shift by e never overlap
-                continue
             # the overlap's rectangle, and the part of it inside this offset's window
             rows, cols = overlap(inner_r, e[0]), overlap(inner_c, e[1])
             win_r = _span(max(rows.start, a), min(rows.stop, a + ho))
             win_c = _span(max(cols.start, b), min(cols.stop, b + wo))
+            if full is None or not (win_r and win_c):  # nothing overlaps: the block stays 0
+                continue
             block = blocks[i, j]
             block.copy_(full)
-            if win_r and win_c:
-                for strip_r, strip_c in _outside(rows, cols, win_r, win_c):
-                    block -= _rect_product(xt, strip_r, strip_c, e)
-            else:  # the window misses the overlap
-                block.zero_()
+            for strip_r, strip_c in _outside(rows, cols, win_r, win_c):
+                block -= _rect_product(xt, strip_r, strip_c, e)
             if j != i:
                 blocks[j, i] = block.T
     n = c * k

@@ -12,6 +12,7 @@ implementation does; only the L-BFGS reference solver needs them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -70,37 +71,20 @@ class GramRecorder:
                         f"{tuple(self.positions.shape)}"
                     )
                 x = x[self.positions.to(x.device)]
-            if self.reduce is not None:
-                xg = x.reshape(self.groups, -1, d).to(self.dtype)
-                down = self.reduce[key].to(x.device, self.dtype)  # [groups, R, d]
-                flat = xg.reshape(-1, d)
-                if key not in self.grams:
-                    self.grams[key] = torch.zeros(d, d, dtype=self.dtype, device=x.device)
-                    self.crosses[key] = torch.zeros_like(down)
-                    self.rows[key] = 0
-                self.grams[key].addmm_(flat.T, flat)
-                self.crosses[key].baddbmm_((xg @ down.transpose(1, 2)).transpose(1, 2), xg)
-                self.rows[key] += xg.shape[1]
-                return
-            if self.groups > 1:  # [groups, rows of that model, d]
-                xg = x.reshape(self.groups, -1, d).to(self.dtype)
-                if key not in self.grams:
-                    self.grams[key] = torch.zeros(
-                        self.groups, d, d, dtype=self.dtype, device=x.device
-                    )
-                    self.rows[key] = 0
-                self.grams[key].baddbmm_(xg.transpose(1, 2), xg)
-                self.rows[key] += xg.shape[1]
-                return
             x = x.reshape(-1, d)
-            xd = x.to(self.dtype)
-            if key not in self.grams:
-                self.grams[key] = torch.zeros(d, d, dtype=self.dtype, device=x.device)
-                self.rows[key] = 0
-            self.grams[key].addmm_(xd.T, xd)
-            self.rows[key] += x.shape[0]
             if self.keep_raw:
                 self.raw.setdefault(key, []).append(x.float().cpu())
+            rows = x.to(self.dtype)
+            per_model = rows.reshape(self.groups, -1, d).unbind(0)  # each model's rows
+            self._accumulate(
+                key,
+                d,
+                rows,
+                per_model,
+                per_model[0].shape[0],
+                lambda r: r.T @ r,
+                lambda r, down: (r @ down.T).T @ r,
+            )
 
     def add_conv(self, key: str, module: LoRAConv2d, x: torch.Tensor) -> None:
         """Add the im2col patches of convolution ``module``'s input ``x`` ``[B, C, H, W]`` to
@@ -111,33 +95,55 @@ class GramRecorder:
         kernel, padding = module._kernel, cast(tuple[int, int], module.padding)
         with torch.no_grad():
             x = x.detach()
-            chunks = x.chunk(self.groups)
-            if len(chunks) != self.groups or len({c.shape[0] for c in chunks}) != 1:
+            per_model = x.chunk(self.groups)
+            if len(per_model) != self.groups or len({c.shape[0] for c in per_model}) != 1:
                 raise ValueError(f"{key}: a batch of {x.shape[0]} is not {self.groups} equal parts")
-            if key not in self.grams:
-                d = module.in_features
-                per_model = self.groups > 1 and self.reduce is None
-                shape = (self.groups, d, d) if per_model else (d, d)
-                self.grams[key] = torch.zeros(shape, dtype=self.dtype, device=x.device)
-                self.rows[key] = 0
-                if self.reduce is not None:
-                    self.crosses[key] = torch.zeros(
-                        self.reduce[key].shape, dtype=self.dtype, device=x.device
-                    )
-            grams = self.grams[key]
-            if self.reduce is not None:
-                grams += patch_gram(x, kernel, padding, self.dtype)
-                down = self.reduce[key].to(x.device)
-                for k, chunk in enumerate(chunks):
-                    self.crosses[key][k] += patch_cross(chunk, down[k], kernel, padding, self.dtype)
-            elif self.groups > 1:
-                for k, chunk in enumerate(chunks):
-                    grams[k] += patch_gram(chunk, kernel, padding, self.dtype)
-            else:
-                grams += patch_gram(x, kernel, padding, self.dtype)
             h, w = x.shape[2:]
             positions = (h + 2 * padding[0] - kernel[0] + 1) * (w + 2 * padding[1] - kernel[1] + 1)
-            self.rows[key] += chunks[0].shape[0] * positions
+            self._accumulate(
+                key,
+                module.in_features,
+                x,
+                per_model,
+                per_model[0].shape[0] * positions,
+                lambda c: patch_gram(c, kernel, padding, self.dtype),
+                lambda c, down: patch_cross(c, down, kernel, padding, self.dtype),
+            )
+
+    def _accumulate(
+        self,
+        key: str,
+        d: int,
+        whole: torch.Tensor,
+        per_model: Sequence[torch.Tensor],
+        rows: int,
+        gram: Callable[[torch.Tensor], torch.Tensor],
+        cross: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Add one input to group ``key``'s statistics, the same for rows and convolutions:
+        ``gram(t)`` is ``X^T X`` of input ``t``'s rows, ``cross(t, D)`` is ``D X^T X``;
+        ``whole`` is the batch, ``per_model`` its part of each model, ``rows`` how many
+        rows each model's part holds."""
+        if key not in self.grams:
+            per_model_grams = self.groups > 1 and self.reduce is None
+            shape = (self.groups, d, d) if per_model_grams else (d, d)
+            self.grams[key] = torch.zeros(shape, dtype=self.dtype, device=whole.device)
+            self.rows[key] = 0
+            if self.reduce is not None:
+                self.crosses[key] = torch.zeros(
+                    self.reduce[key].shape, dtype=self.dtype, device=whole.device
+                )
+        if self.reduce is not None:
+            self.grams[key] += gram(whole)
+            downs = self.reduce[key].to(whole.device, self.dtype)  # [groups, R, d]
+            for k, part in enumerate(per_model):
+                self.crosses[key][k] += cross(part, downs[k])
+        elif self.groups > 1:
+            for k, part in enumerate(per_model):
+                self.grams[key][k] += gram(part)
+        else:
+            self.grams[key] += gram(whole)
+        self.rows[key] += rows
 
     def __enter__(self) -> GramRecorder:
         try:
