@@ -18,13 +18,16 @@ about 5x).
 
 ``patch_gram`` and ``patch_cross`` give exactly ``patches(x)^T patches(x)`` and ``D
 patches(x)^T patches(x)`` (up to floating-point summation order); ``tests/test_patches.py``
-compares them with the brute force.
+compares them with the brute force. ``patch_gram`` is bitwise symmetric by construction
+(``solve.symmetric``), whatever kernel the products ran on.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .solve import symmetric
 
 Pair = tuple[int, int]
 
@@ -100,7 +103,10 @@ def patch_gram(
             if j != i:
                 blocks[j, i] = block.T
     n = c * k
-    return blocks.reshape(kh, kw, kh, kw, c, c).permute(4, 0, 1, 5, 2, 3).reshape(n, n)
+    full_gram = blocks.reshape(kh, kw, kh, kw, c, c).permute(4, 0, 1, 5, 2, 3).reshape(n, n)
+    # The off-diagonal blocks are mirrored above, but a diagonal block is a general product
+    # of a strip with itself, which a BLAS kernel need not make bitwise symmetric.
+    return symmetric(full_gram)
 
 
 def _outside(rows: range, cols: range, win_r: range, win_c: range) -> list[tuple[range, range]]:

@@ -3,7 +3,7 @@
 ``GramRecorder`` owns its hooks (nothing module-level), registers them on entry and removes
 them in ``finally``. For each watched module it adds ``x^T x`` of the module's input (a
 convolution adapter's im2col patches) to a ``[d, d]`` Gram matrix on the module's device
-(fp64 by default), so memory is ``O(sum of d^2)`` whatever the number of tokens, steps or
+(fp64 by default, bitwise symmetric: ``solve.symmetric``), so memory is ``O(sum of d^2)`` whatever the number of tokens, steps or
 concepts. A stride-1 convolution's statistics come from its input without building the
 patches (``patches.patch_gram``, ``patches.patch_cross``: about 3x faster at 3x3). With
 ``keep_raw`` it also keeps the raw inputs (patches) in host memory, as the reference
@@ -20,6 +20,7 @@ from torch import nn
 
 from ..common.lora import LoRAConv2d
 from .patches import patch_cross, patch_gram, supported
+from .solve import symmetric
 
 
 class GramRecorder:
@@ -82,7 +83,7 @@ class GramRecorder:
                 rows,
                 per_model,
                 per_model[0].shape[0],
-                lambda r: r.T @ r,
+                lambda r: symmetric(r.T @ r),
                 lambda r, down: (r @ down.T).T @ r,
             )
 

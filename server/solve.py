@@ -35,10 +35,23 @@ log = logging.getLogger(__name__)
 DEFAULT_RIDGE = 1e-6
 
 
+def symmetric(g: torch.Tensor) -> torch.Tensor:
+    """``(G + G^T) / 2`` over the last two dims: bitwise symmetric by construction.
+
+    A product ``X^T X`` is symmetric in exact arithmetic, but a BLAS kernel may sum entry
+    ``(i, j)`` and entry ``(j, i)`` in different orders (MKL's AVX-512 GEMM does), so they
+    can differ in the last bits. IEEE addition is commutative, so ``G_ij + G_ji`` and
+    ``G_ji + G_ij`` are the same number, and halving is exact: every Gram matrix the fusion
+    accumulates goes through here once, and sums of such matrices stay bitwise symmetric.
+    """
+    return (g + g.mT) * 0.5
+
+
 def gram(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``X X^T`` for features given as rows ``x`` ``[n, d]`` (any leading dims)."""
+    """``X X^T`` for features given as rows ``x`` ``[n, d]`` (any leading dims), bitwise
+    symmetric (``symmetric``)."""
     x = x.reshape(-1, x.shape[-1]).to(dtype)
-    return x.T @ x
+    return symmetric(x.T @ x)
 
 
 def ridge_lambda(g: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> float:
@@ -66,6 +79,9 @@ def solve_downs(
     ``C_i = A_i (G_i + lambda / n I)``, still exactly low rank. Directions the features
     hardly visit then take the average update rather than none.
     Cholesky on ``G + lambda I``; if that fails (numerically indefinite), least squares.
+    ``G`` is made bitwise symmetric first (``symmetric``), so the Cholesky factor (which
+    reads one triangle) and the least-squares fallback (which reads both) solve the same
+    system whatever kernel produced ``G``.
     """
     if not crosses:
         raise ValueError("need at least one concept")
@@ -75,7 +91,9 @@ def solve_downs(
         crosses = [
             c + (lam / n) * a.to(c.dtype) for c, a in zip(crosses, toward_average, strict=True)
         ]
-    system = total + lam * torch.eye(total.shape[0], dtype=total.dtype, device=total.device)
+    system = symmetric(total) + lam * torch.eye(
+        total.shape[0], dtype=total.dtype, device=total.device
+    )
     rhs = torch.cat([c.T for c in crosses], dim=1)  # [d, sum r]
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:

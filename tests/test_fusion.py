@@ -22,6 +22,7 @@ from mos.server.solve import (
     lbfgs_reference,
     objective,
     solve_downs,
+    symmetric,
     weight_fusion_factors,
 )
 from tests.conftest import sample_tensor, shape_photos
@@ -89,6 +90,50 @@ def test_ridge_toward_the_average_fills_unvisited_directions_with_it():
     assert torch.allclose(
         torch.cat([b.double() for b in ups], 1) @ torch.cat(huge), average, atol=1e-6
     )
+
+
+def _one_ulp_off(g: torch.Tensor) -> torch.Tensor:
+    """``g`` with entry (0, 1) moved by one ulp: what a GEMM kernel that sums ``(0, 1)`` and
+    ``(1, 0)`` in different orders (MKL on AVX-512) hands back for a symmetric product."""
+    g = g.clone()
+    g[0, 1] = torch.nextafter(g[0, 1], g[0, 1] + 1)
+    return g
+
+
+def test_symmetric_is_bitwise_symmetric_and_the_solve_reads_both_triangles_alike():
+    ups, downs, xs = _problem()
+    grams = [gram(x) for x in xs]
+    for g in grams:  # by construction: G_ij + G_ji and G_ji + G_ij are the same number
+        assert torch.equal(g, g.T)
+    skewed = _one_ulp_off(torch.stack(grams).sum(0))
+    assert not torch.equal(skewed, skewed.T)
+    assert torch.equal(symmetric(skewed), symmetric(skewed).T)
+    assert torch.equal(symmetric(skewed), symmetric(skewed.T))
+    batched = torch.stack([skewed, skewed.T])
+    assert torch.equal(symmetric(batched), symmetric(batched).mT)
+    crosses = [cross_term(a, g) for a, g in zip(downs, grams, strict=True)]
+    # the same system whichever triangle held the kernel's rounding: bitwise the same
+    # answer, since the solve sees identical inputs (same kernels, same order)
+    for a, b in zip(
+        solve_downs(skewed, crosses, ridge=1e-3),
+        solve_downs(skewed.T, crosses, ridge=1e-3),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
+def test_every_recorded_gram_is_bitwise_symmetric():
+    """Rows, per-model and reduced recording: each addend is ``symmetric``'s, and sums of
+    bitwise-symmetric matrices stay so (elementwise addition of equal operands)."""
+    lin = torch.nn.Linear(9, 3)
+    downs = torch.randn(2, 4, 9, dtype=torch.float64)
+    xs = [torch.randn(6, 11, 9) for _ in range(3)]
+    for kwargs in ({}, {"groups": 2}, {"reduce": {"lin": downs}}):
+        with GramRecorder({"lin": lin}, **kwargs) as rec:
+            for x in xs:
+                lin(x)
+        g = rec.grams["lin"]
+        assert torch.equal(g, g.mT), kwargs
 
 
 def test_streaming_gram_equals_batch_and_hooks_are_removed():

@@ -40,7 +40,7 @@ def test_patch_gram_and_cross_equal_the_built_patches(shape, kernel, padding):
     fast = patch_gram(x, kernel, padding)
     assert fast.shape == brute.shape
     assert torch.allclose(fast, brute, atol=1e-12, rtol=0)
-    assert torch.equal(fast, fast.T)
+    assert torch.equal(fast, fast.T)  # by construction (solve.symmetric), on any kernel
     down = torch.randn(3, p.shape[1], generator=g, dtype=torch.float64)
     assert torch.allclose(patch_cross(x, down, kernel, padding), down @ brute, atol=1e-11)
 
